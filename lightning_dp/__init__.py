@@ -1,0 +1,18 @@
+"""lightning_dp: differentially private training for PyTorch Lightning."""
+
+from lightning_dp.accounting import PrivacyLedger, calibrate_noise_multiplier, compute_epsilon
+from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError, UnsupportedLayerError
+from lightning_dp.strategy import DPStrategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DPMisconfigurationError",
+    "DPStrategy",
+    "PrivacyLedger",
+    "PrivacyTargetError",
+    "UnsupportedLayerError",
+    "calibrate_noise_multiplier",
+    "compute_epsilon",
+    "__version__",
+]
