@@ -211,6 +211,12 @@ class HookEngine:
                     " that uses it."
                 )
 
+    def per_sample_gradients(self) -> dict[nn.Parameter, Tensor]:
+        """The captured per-sample gradients of the last micro-batch, shape ``(b, *p.shape)``, fp32, before
+        clipping (parameters the micro-batch did not touch are absent). Valid until :meth:`clip_and_accumulate`."""
+        scale = self._scale()
+        return {p: gs * scale for p, gs in self._grad_samples.items()}
+
     def clip_and_accumulate(self, max_grad_norm: float) -> Tensor:
         """Clip the captured per-sample gradients to ``max_grad_norm`` (flat, over all parameters) and add them to
         the running clipped sum. Clears ``p.grad`` (it holds the non-private gradient of the micro-batch).

