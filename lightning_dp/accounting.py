@@ -282,5 +282,7 @@ class PrivacyLedger:
         return len(self._segments)
 
     def __repr__(self) -> str:
-        segs = ", ".join(f"{s.mechanism}(σ={s.noise_multiplier:.4g}, q={s.sample_rate:.4g}) × {s.steps}" for s in self._segments)
+        segs = ", ".join(
+            f"{s.mechanism}(σ={s.noise_multiplier:.4g}, q={s.sample_rate:.4g}) × {s.steps}" for s in self._segments
+        )
         return f"PrivacyLedger([{segs}])"

@@ -193,7 +193,9 @@ def split_batch(batch: Any, max_size: int | None) -> list[tuple[Any, int]]:
         return []
     if max_size is None or n <= max_size:
         return [(batch, n)]
-    return [(slice_batch(batch, slice(s, min(s + max_size, n)), n), min(max_size, n - s)) for s in range(0, n, max_size)]
+    return [
+        (slice_batch(batch, slice(s, min(s + max_size, n)), n), min(max_size, n - s)) for s in range(0, n, max_size)
+    ]
 
 
 class EmptyBatchCollate:
@@ -212,6 +214,7 @@ class EmptyBatchCollate:
         self.dataset = dataset
 
     def __call__(self, samples: list[Any]) -> Any:
+        """Collate ``samples``; an empty list gives zero-length tensors shaped like one collated example."""
         if len(samples) > 0:
             return self.collate_fn(samples)
         one = self.collate_fn([self.dataset[0]])

@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.distributed import _distributed_is_initialized
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper, _distributed_is_initialized
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, Strategy
@@ -109,7 +109,8 @@ class DPStrategy(DDPStrategy):
         if (target_epsilon is None) == (noise_multiplier is None):
             raise DPMisconfigurationError(
                 "Give exactly one of target_epsilon (σ is then calibrated for the run) and noise_multiplier (ε is"
-                f" then reported as it grows); got target_epsilon={target_epsilon}, noise_multiplier={noise_multiplier}."
+                f" then reported as it grows); got target_epsilon={target_epsilon},"
+                f" noise_multiplier={noise_multiplier}."
             )
         if target_epsilon is not None and not target_epsilon > 0:
             raise PrivacyTargetError(f"target_epsilon must be positive, got {target_epsilon}.")
@@ -253,6 +254,8 @@ class DPStrategy(DDPStrategy):
                 " logical batch size and let DPStrategy sample the batches."
             )
         sampler = dataloader.sampler
+        if isinstance(sampler, DistributedSamplerWrapper):  # Lightning wrapped a custom sampler for DDP
+            sampler = sampler.dataset._sampler
         if not isinstance(sampler, (RandomSampler, SequentialSampler, DistributedSampler)):
             raise DPMisconfigurationError(
                 f"The training DataLoader uses a {type(sampler).__name__}; DPStrategy replaces the sampler with"
@@ -421,7 +424,8 @@ class DPStrategy(DDPStrategy):
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         """Write the private gradient into ``p.grad`` (the backward passes already ran per micro-batch) and record
-        the release in the ledger."""
+        the release in the ledger.
+        """
         module = self.lightning_module
         assert module is not None
         if self._pending is None:

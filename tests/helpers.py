@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader, TensorDataset
 def make_vit(**kw):
     import timm
 
-    args = dict(img_size=16, patch_size=8, num_classes=3, embed_dim=24, depth=2, num_heads=2, reg_tokens=2,
-                init_values=0.1)
+    args = dict(
+        img_size=16, patch_size=8, num_classes=3, embed_dim=24, depth=2, num_heads=2, reg_tokens=2, init_values=0.1
+    )
     args.update(kw)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
 
@@ -80,7 +81,8 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=self.lr) if self.optimizer_name == "sgd" else torch.optim.Adam(params, lr=self.lr)
+        opt_cls = torch.optim.SGD if self.optimizer_name == "sgd" else torch.optim.Adam
+        opt = opt_cls(params, lr=self.lr)
         if not self.use_scheduler:
             return opt
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
@@ -97,7 +99,15 @@ def loader(ds, batch_size):
 
 
 def trainer(strategy, **kw):
-    args = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0, max_epochs=1)
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        max_epochs=1,
+    )
     args.update(kw)
     return L.Trainer(strategy=strategy, **args)

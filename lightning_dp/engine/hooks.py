@@ -194,7 +194,8 @@ class HookEngine:
 
     def _check_against_autograd(self) -> None:
         """Compare Σ_i g_i with autograd's ``p.grad``: a use of a parameter outside its layer's forward (e.g.
-        ``F.linear(x, layer.weight)``) is invisible to hooks and would silently drop gradient."""
+        ``F.linear(x, layer.weight)``) is invisible to hooks and would silently drop gradient.
+        """
         for p in self.params:
             if p.grad is None:
                 continue
@@ -213,7 +214,8 @@ class HookEngine:
 
     def per_sample_gradients(self) -> dict[nn.Parameter, Tensor]:
         """The captured per-sample gradients of the last micro-batch, shape ``(b, *p.shape)``, fp32, before
-        clipping (parameters the micro-batch did not touch are absent). Valid until :meth:`clip_and_accumulate`."""
+        clipping (parameters the micro-batch did not touch are absent). Valid until :meth:`clip_and_accumulate`.
+        """
         scale = self._scale()
         return {p: gs * scale for p, gs in self._grad_samples.items()}
 
@@ -246,7 +248,8 @@ class HookEngine:
 
     def pop_summed(self) -> dict[nn.Parameter, Tensor]:
         """The clipped sum over all micro-batches since the last call (fp32; zeros for parameters with no
-        gradient), and reset it."""
+        gradient), and reset it.
+        """
         out = {p: self._summed.get(p, torch.zeros_like(p, dtype=torch.float32)) for p in self.params}
         self._summed = {}
         return out
