@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sequent
 from torch.utils.data.distributed import DistributedSampler
 
 from lightning_dp.accounting import MechanismSegment, PrivacyLedger, calibrate_noise_multiplier
-from lightning_dp.engine import HookEngine
+from lightning_dp.engine import build_engine
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError
 from lightning_dp.noise import privatize
 from lightning_dp.sampling import EmptyBatchCollate, PoissonBatchSampler, ShuffleBatchSampler, split_batch
@@ -63,6 +63,7 @@ class DPStrategy(DDPStrategy):
         epsilon_refresh_steps: ``dp/epsilon`` is logged every step as an upper bound valid for the next this-many
             steps (one PRV evaluation takes seconds). Default: a quarter epoch.
         sampling_seed: seed of the Poisson sampler (default: drawn from torch's global RNG).
+        engine: the per-sample gradient engine, a name in ``lightning_dp.engine.ENGINES``.
 
     Raises:
         DPMisconfigurationError: for inconsistent arguments (both or neither of target/noise, C ≤ 0, ...).
@@ -88,6 +89,7 @@ class DPStrategy(DDPStrategy):
         log_clip_fraction: bool = True,
         epsilon_refresh_steps: int | None = None,
         sampling_seed: int | None = None,
+        engine: str = "hooks",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -133,6 +135,7 @@ class DPStrategy(DDPStrategy):
         self.log_clip_fraction = log_clip_fraction
         self.epsilon_refresh_steps = epsilon_refresh_steps
         self.sampling_seed = sampling_seed
+        self.engine_name = engine
 
         self._noise_multiplier: float | None = noise_multiplier
         self._sample_rate: float | None = None
@@ -144,10 +147,11 @@ class DPStrategy(DDPStrategy):
         self._released_steps = 0
         self._last_recorded_epoch = -1
         self._restored: dict[str, Any] | None = None
-        self._engine: HookEngine | None = None
+        self._engine: Any = None
         self._pending: dict[torch.nn.Parameter, Tensor] | None = None
         self._noise_generator: torch.Generator | None = None
         self._eps_bound: tuple[int, float] = (-1, 0.0)
+        self._last_norms: Tensor | None = None
 
     # ------------------------------------------------------------------ public state
     @property
@@ -181,24 +185,48 @@ class DPStrategy(DDPStrategy):
         return self._planned_steps
 
     @property
+    def last_per_sample_norms(self) -> Tensor | None:
+        """Per-sample gradient norms (before clipping, fp32) of this rank's last logical batch, for callbacks.
+
+        They are computed from private data: anything released from them must be noised and recorded in the
+        ledger (see ``side_mechanisms``), or labelled as a non-private diagnostic.
+        """
+        return self._last_norms
+
+    def side_mechanisms(self, steps: int) -> list[MechanismSegment]:
+        """Private releases other than the gradient planned over the next ``steps`` steps by callbacks.
+
+        A callback that releases noised statistics of private data each step (e.g. a private gradient-norm
+        histogram) implements ``dp_planned_mechanisms(strategy, steps) -> list[MechanismSegment]`` (an upper bound
+        on what it will release in ``steps`` steps) and records each release in :attr:`ledger`. The σ calibration
+        for ``target_epsilon`` and the ``dp/epsilon`` bound include these.
+        """
+        module = self.lightning_module
+        trainer = module.trainer if module is not None else None
+        out: list[MechanismSegment] = []
+        for cb in trainer.callbacks if trainer is not None else []:
+            planned = getattr(cb, "dp_planned_mechanisms", None)
+            if callable(planned):
+                out.extend(planned(self, steps))
+        return out
+
+    @property
     def world_size(self) -> int:
         """Number of ranks."""
         return self.num_nodes * self.num_processes
 
     # ------------------------------------------------------------------ environment
     def _configure_launcher(self) -> None:
-        if self.world_size > 1:
-            super()._configure_launcher()
-        else:
-            self._launcher = None
-
-    def setup_environment(self) -> None:
-        """Set up the device and, with more than one rank, the process group."""
+        # Called when the Trainer is built: refuse multi-device runs there, before any process is launched.
         if self.world_size > 1:
             raise DPMisconfigurationError(
                 f"DPStrategy on {self.world_size} devices (DDP) is not available in this version: run on one device"
-                " (devices=1)."
+                " (devices=1, num_nodes=1)."
             )
+        self._launcher = None
+
+    def setup_environment(self) -> None:
+        """Set up the device (one rank: no process group)."""
         Strategy.setup_environment(self)
 
     def configure_ddp(self) -> None:
@@ -210,7 +238,7 @@ class DPStrategy(DDPStrategy):
         assert module is not None
         validate_trainer(trainer, self.precision_plugin.precision)
         validate_module(module)
-        self._engine = HookEngine(module, loss_reduction=self.loss_reduction)
+        self._engine = build_engine(self.engine_name, module, loss_reduction=self.loss_reduction)
         super().setup(trainer)
         validate_optimizers(self.optimizers)
         if len(self.optimizers) != 1:
@@ -374,7 +402,7 @@ class DPStrategy(DDPStrategy):
             remaining = math.ceil(planned / spe) - math.ceil(self._released_steps / spe)
             remaining = max(remaining, 1)
         assert self.target_epsilon is not None and self._sample_rate is not None
-        prior = self._ledger.segments
+        prior = self._ledger.segments + self.side_mechanisms(remaining)
         if self.poisson_sampling:
             sigma = calibrate_noise_multiplier(
                 self.target_epsilon, self.delta, self._sample_rate, remaining, prior=prior
@@ -416,6 +444,7 @@ class DPStrategy(DDPStrategy):
             add_noise=True,
         )
         all_norms = torch.cat(norms) if norms else torch.zeros(0, device=self.root_device)
+        self._last_norms = all_norms
         self._log_step_metrics(module, all_norms)
         mean_loss = torch.stack(losses).sum() / n if n else torch.zeros((), device=self.root_device)
         if isinstance(last_output, Mapping):
@@ -464,7 +493,7 @@ class DPStrategy(DDPStrategy):
         else:
             epochs_ahead = math.ceil((step + ahead - 1) / spe) - math.ceil(self._released_steps / spe)
             extra = [self._release_segment(self._noise_multiplier, max(epochs_ahead, 0))]
-        value = self._ledger.epsilon(self.delta, extra=extra)
+        value = self._ledger.epsilon(self.delta, extra=extra + self.side_mechanisms(ahead))
         self._eps_bound = (self._released_steps + ahead, value)
         return value
 

@@ -1,5 +1,9 @@
 """Per-sample gradient engines and the registry of per-layer rules."""
 
+from typing import Any
+
+from torch import nn
+
 from lightning_dp.engine.hooks import HookEngine
 from lightning_dp.engine.rules import (
     GradSampleRule,
@@ -7,5 +11,31 @@ from lightning_dp.engine.rules import (
     register_broadcast_parameters,
     register_grad_sampler,
 )
+from lightning_dp.errors import DPMisconfigurationError
 
-__all__ = ["GradSampleRule", "HookEngine", "find_rule", "register_broadcast_parameters", "register_grad_sampler"]
+#: Per-sample gradient engines by name. An engine takes ``(module, loss_reduction=...)`` and provides ``params``,
+#: ``attach()``, ``detach()``, ``capture(batch_size)`` (a context spanning one micro-batch's forward and backward),
+#: ``clip_and_accumulate(max_grad_norm) -> per-sample norms`` and ``pop_summed() -> {param: clipped sum}``.
+ENGINES: dict[str, type] = {"hooks": HookEngine}
+
+
+def build_engine(name: str, module: nn.Module, loss_reduction: str = "mean") -> Any:
+    """Build the per-sample gradient engine ``name`` for ``module``.
+
+    Raises:
+        DPMisconfigurationError: for an unknown engine name.
+    """
+    if name not in ENGINES:
+        raise DPMisconfigurationError(f"Unknown engine {name!r}; choose one of {sorted(ENGINES)}.")
+    return ENGINES[name](module, loss_reduction=loss_reduction)
+
+
+__all__ = [
+    "ENGINES",
+    "GradSampleRule",
+    "HookEngine",
+    "build_engine",
+    "find_rule",
+    "register_broadcast_parameters",
+    "register_grad_sampler",
+]
