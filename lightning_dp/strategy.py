@@ -28,7 +28,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from lightning_dp.accounting import MechanismSegment, PrivacyLedger, calibrate_noise_multiplier
+from lightning_dp.accounting import (
+    MechanismSegment,
+    PrivacyLedger,
+    calibrate_noise_multiplier,
+    combine_noise_multipliers,
+)
 from lightning_dp.engine import build_engine
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError
 from lightning_dp.noise import privatize
@@ -189,26 +194,45 @@ class DPStrategy(DDPStrategy):
         """Per-sample gradient norms (before clipping, fp32) of this rank's last logical batch, for callbacks.
 
         They are computed from private data: anything released from them must be noised and recorded in the
-        ledger (see ``side_mechanisms``), or labelled as a non-private diagnostic.
+        ledger (declare them with ``dp_release_noise``, see :meth:`_extra_noise`), or labelled as a non-private
+        diagnostic.
         """
         return self._last_norms
 
-    def side_mechanisms(self, steps: int) -> list[MechanismSegment]:
-        """Private releases other than the gradient planned over the next ``steps`` steps by callbacks.
+    @property
+    def last_release_step(self) -> int:
+        """0-based index of the last recorded private step (-1 before the first)."""
+        return self._released_steps - 1
 
-        A callback that releases noised statistics of private data each step (e.g. a private gradient-norm
-        histogram) implements ``dp_planned_mechanisms(strategy, steps) -> list[MechanismSegment]`` (an upper bound
-        on what it will release in ``steps`` steps) and records each release in :attr:`ledger`. The σ calibration
-        for ``target_epsilon`` and the ``dp/epsilon`` bound include these.
+    def _extra_noise(self, step: int) -> tuple[float, ...]:
+        """Noise multipliers of the statistics that callbacks release from the batch of step ``step``.
+
+        A callback that releases noised statistics of the private batch (e.g. a private gradient-norm histogram)
+        implements ``dp_release_noise(strategy, step) -> Sequence[float]``: for each release it makes from step
+        ``step``'s batch, the noise std divided by the release's L2 sensitivity to one example. It must depend on
+        ``step`` only (not on data), so that the σ calibration can plan for it. The strategy then records that step
+        as one Gaussian release with the combined multiplier (σ⁻² + Σ σ_j⁻²)^(-1/2).
         """
         module = self.lightning_module
         trainer = module.trainer if module is not None else None
-        out: list[MechanismSegment] = []
+        extra: list[float] = []
         for cb in trainer.callbacks if trainer is not None else []:
-            planned = getattr(cb, "dp_planned_mechanisms", None)
-            if callable(planned):
-                out.extend(planned(self, steps))
-        return out
+            fn = getattr(cb, "dp_release_noise", None)
+            if callable(fn):
+                extra.extend(float(x) for x in fn(self, step))
+        return tuple(sorted(extra))
+
+    def _joint_plan(self, start: int, count: int) -> dict[tuple[float, ...], int]:
+        """``{extra multipliers: number of steps}`` for steps ``start .. start + count - 1``."""
+        plan: dict[tuple[float, ...], int] = {}
+        for step in range(start, start + count):
+            extra = self._extra_noise(step)
+            plan[extra] = plan.get(extra, 0) + 1
+        return plan
+
+    def _step_noise_multiplier(self, step: int) -> float:
+        assert self._noise_multiplier is not None
+        return combine_noise_multipliers(self._noise_multiplier, *self._extra_noise(step))
 
     @property
     def world_size(self) -> int:
@@ -397,19 +421,22 @@ class DPStrategy(DDPStrategy):
                 f"The run already took {self._released_steps} private steps, not fewer than the {planned} planned:"
                 " raise max_epochs/max_steps to continue."
             )
-        if not self.poisson_sampling:
-            spe = self._steps_per_epoch or 1
-            remaining = math.ceil(planned / spe) - math.ceil(self._released_steps / spe)
-            remaining = max(remaining, 1)
         assert self.target_epsilon is not None and self._sample_rate is not None
-        prior = self._ledger.segments + self.side_mechanisms(remaining)
+        plan = self._joint_plan(self._released_steps, remaining)
+        prior = self._ledger.segments
         if self.poisson_sampling:
-            sigma = calibrate_noise_multiplier(
-                self.target_epsilon, self.delta, self._sample_rate, remaining, prior=prior
+            return calibrate_noise_multiplier(
+                self.target_epsilon, self.delta, self._sample_rate, remaining, prior=prior, joint_noise=plan
             )
-        else:  # the ledger sees σ/2 at q=1: calibrate that, then double
-            sigma = 2.0 * calibrate_noise_multiplier(self.target_epsilon, self.delta, 1.0, remaining, prior=prior)
-        return sigma
+        # Shuffled: one release per epoch at sensitivity 2C (the ledger sees σ/2 at q = 1), with the worst step's
+        # extra releases: calibrate that, then double.
+        spe = self._steps_per_epoch or 1
+        epochs = max(1, math.ceil(planned / spe) - math.ceil(self._released_steps / spe))
+        worst = max(plan, key=lambda extra: sum(x**-2 for x in extra))
+        halved = tuple(x / 2.0 for x in worst)
+        return 2.0 * calibrate_noise_multiplier(
+            self.target_epsilon, self.delta, 1.0, epochs, prior=prior, joint_noise={halved: epochs} if worst else None
+        )
 
     # ------------------------------------------------------------------ the private step
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -469,11 +496,14 @@ class DPStrategy(DDPStrategy):
     def _record_release(self) -> None:
         assert self._noise_multiplier is not None
         epoch = self.lightning_module.trainer.current_epoch
+        step = self._released_steps
         self._released_steps += 1
         if self.poisson_sampling:
-            self._ledger.record(self._noise_multiplier, self._sample_rate, 1)
+            self._ledger.record(self._step_noise_multiplier(step), self._sample_rate, 1)
         elif epoch != self._last_recorded_epoch:
-            seg = self._release_segment(self._noise_multiplier, 1)
+            spe = self._steps_per_epoch or 1
+            sigma = min(self._step_noise_multiplier(epoch * spe + k) for k in range(spe))
+            seg = self._release_segment(sigma, 1)
             self._ledger.record(seg.noise_multiplier, seg.sample_rate, 1)
         self._last_recorded_epoch = epoch
 
@@ -489,11 +519,15 @@ class DPStrategy(DDPStrategy):
             ahead = max(1, min(ahead, self._planned_steps - self._released_steps))
         assert self._noise_multiplier is not None
         if self.poisson_sampling:
-            extra = [self._release_segment(self._noise_multiplier, ahead)]
+            plan = self._joint_plan(self._released_steps, ahead)
+            extra = [
+                self._release_segment(combine_noise_multipliers(self._noise_multiplier, *x), n) for x, n in plan.items()
+            ]
         else:
             epochs_ahead = math.ceil((step + ahead - 1) / spe) - math.ceil(self._released_steps / spe)
-            extra = [self._release_segment(self._noise_multiplier, max(epochs_ahead, 0))]
-        value = self._ledger.epsilon(self.delta, extra=extra + self.side_mechanisms(ahead))
+            sigma = min(self._step_noise_multiplier(self._released_steps + k) for k in range(ahead + spe))
+            extra = [self._release_segment(sigma, max(epochs_ahead, 0))]
+        value = self._ledger.epsilon(self.delta, extra=extra)
         self._eps_bound = (self._released_steps + ahead, value)
         return value
 

@@ -163,3 +163,26 @@ def test_vit_trains_all_parameters_including_raw_ones(precision):
         assert p.dtype == torch.float32
         assert not torch.equal(p.detach(), before[name]), f"{name} was not trained"
     assert s.ledger.steps == 2
+
+
+class _DeclaresHistogram(L.Callback):
+    """Declares a release with noise multiplier 2.0 from every other step's batch."""
+
+    def dp_release_noise(self, strategy, step):
+        return [2.0] if step % 2 == 0 else []
+
+
+def test_joint_releases_are_accounted_as_one_gaussian_per_step():
+    from lightning_dp.accounting import combine_noise_multipliers
+
+    s = DPStrategy(target_epsilon=2.0)
+    t = trainer(s, max_epochs=2, callbacks=[_DeclaresHistogram()])
+    t.fit(ClassifierModule(mlp()), loader(tensor_data(), 20))
+    sigma = s.noise_multiplier
+    joint = combine_noise_multipliers(sigma, 2.0)
+    segs = [(round(x.noise_multiplier, 12), x.steps) for x in s.ledger.segments]
+    assert segs == [(round(joint, 12), 1), (round(sigma, 12), 1)] * 10
+    assert s.epsilon <= 2.0
+    plain = DPStrategy(target_epsilon=2.0)
+    trainer(plain, max_epochs=2).fit(ClassifierModule(mlp()), loader(tensor_data(), 20))
+    assert s.noise_multiplier > plain.noise_multiplier  # the diagnostics' privacy cost is paid by σ
