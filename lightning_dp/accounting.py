@@ -23,6 +23,9 @@ EPS_ERROR = 0.01
 DELTA_ERROR_FRACTION = 1e-3
 #: Largest noise multiplier ``calibrate_noise_multiplier`` will return before declaring the target unreachable.
 MAX_NOISE_MULTIPLIER = 1000.0
+#: Above this ε (by the cheap RDP bound) the PRV accountant is not run: its discretisation grows without bound
+#: for tiny σ (tens of GiB), and such an ε carries no meaningful guarantee. The RDP value is reported instead.
+RDP_ONLY_ABOVE = 100.0
 #: Smallest noise multiplier the calibration will try (looser targets get this σ and a smaller ε than asked).
 MIN_NOISE_MULTIPLIER = 0.05
 
@@ -66,6 +69,7 @@ def _group(segments: Iterable[MechanismSegment]) -> tuple[tuple[float, float, in
 def _epsilon_of_groups(groups: tuple[tuple[float, float, int], ...], delta: float) -> float:
     # prv-accountant is imported lazily: it pulls in scipy and is only needed when ε is asked for.
     from prv_accountant import PRVAccountant
+    from prv_accountant.other_accountants import RDP
     from prv_accountant.privacy_random_variables import GaussianMechanism, PoissonSubsampledGaussianMechanism
 
     if not groups:
@@ -79,14 +83,21 @@ def _epsilon_of_groups(groups: tuple[tuple[float, float, int], ...], delta: floa
     steps = [n for _, _, n in groups]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        accountant = PRVAccountant(
-            prvs=prvs,
-            max_self_compositions=steps,
-            eps_error=EPS_ERROR,
-            delta_error=delta * DELTA_ERROR_FRACTION,
-        )
-        _, _, eps_upper = accountant.compute_epsilon(delta=delta, num_self_compositions=steps)
-    return max(0.0, float(eps_upper))
+        # Both are upper bounds on ε: RDP is cheap and loose, PRV tight. Report the smaller.
+        rdp_upper = float(RDP(prvs=prvs).compute_epsilon(delta=delta, num_self_compositions=steps)[2])
+        if not rdp_upper <= RDP_ONLY_ABOVE:
+            return rdp_upper
+        try:
+            accountant = PRVAccountant(
+                prvs=prvs,
+                max_self_compositions=steps,
+                eps_error=EPS_ERROR,
+                delta_error=delta * DELTA_ERROR_FRACTION,
+            )
+            _, _, eps_upper = accountant.compute_epsilon(delta=delta, num_self_compositions=steps)
+        except (MemoryError, ValueError, FloatingPointError):
+            return rdp_upper
+    return max(0.0, min(float(eps_upper), rdp_upper))
 
 
 def _check_delta(delta: float) -> None:

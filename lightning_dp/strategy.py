@@ -16,10 +16,12 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper, _distributed_is_initialized
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.trainer.states import RunningStage
@@ -241,20 +243,26 @@ class DPStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ environment
     def _configure_launcher(self) -> None:
-        # Called when the Trainer is built: refuse multi-device runs there, before any process is launched.
+        # One rank: no launcher and no process group. Several: Lightning's DDP launchers (script/torchrun/SLURM).
         if self.world_size > 1:
-            raise DPMisconfigurationError(
-                f"DPStrategy on {self.world_size} devices (DDP) is not available in this version: run on one device"
-                " (devices=1, num_nodes=1)."
-            )
-        self._launcher = None
+            super()._configure_launcher()
+        else:
+            self._launcher = None
 
     def setup_environment(self) -> None:
-        """Set up the device (one rank: no process group)."""
-        Strategy.setup_environment(self)
+        """Set up the device and, with more than one rank, the process group."""
+        if self.world_size > 1:
+            super().setup_environment()
+        else:
+            Strategy.setup_environment(self)
 
     def configure_ddp(self) -> None:
-        """Do not wrap the model in ``DistributedDataParallel``: it would all-reduce unclipped gradients."""
+        """Do not wrap the model in ``DistributedDataParallel``: it would all-reduce *unclipped* gradients in
+        backward. The clipped sums are all-reduced once per step instead; here only the initial parameters and
+        buffers are broadcast from rank 0 so that every rank starts (and stays) identical.
+        """
+        if _distributed_is_initialized() and self.world_size > 1:
+            _sync_module_states(self.model)
 
     def setup(self, trainer: pl.Trainer) -> None:
         """Validate the run, build the per-sample gradient engine, then set up as Lightning does."""
@@ -316,14 +324,15 @@ class DPStrategy(DDPStrategy):
         num_samples = len(dataset)
         self._prepare_privacy(trainer, num_samples, batch_size)
         rank, replicas = self.global_rank, self.world_size
+        if self.sampling_seed is None:
+            # Every rank must draw its shard's masks from the same seed stream: take rank 0's.
+            self.sampling_seed = int(self.broadcast(int(torch.randint(0, 2**62, (1,)).item()), src=0))
         if self.poisson_sampling:
             batch_sampler: Any = PoissonBatchSampler(
                 num_samples, self._sample_rate, self._steps_per_epoch, replicas, rank, self.sampling_seed
             )
         else:
-            batch_sampler = ShuffleBatchSampler(num_samples, batch_size // replicas, replicas, rank, self.sampling_seed)
-        if self.sampling_seed is None:
-            self.sampling_seed = batch_sampler.seed
+            batch_sampler = ShuffleBatchSampler(num_samples, batch_size, replicas, rank, self.sampling_seed)
         return DataLoader(
             dataset,
             batch_sampler=batch_sampler,
@@ -378,7 +387,9 @@ class DPStrategy(DDPStrategy):
         if self.target_epsilon is not None:
             assert planned is not None
             self._planned_steps = planned
-            self._noise_multiplier = self._calibrate(planned)
+            # Calibrated on rank 0 and broadcast: every rank must use (and record) exactly the same σ.
+            sigma = self._calibrate(planned) if self.global_rank == 0 else None
+            self._noise_multiplier = float(self.broadcast(sigma, src=0))
         else:
             from_epochs = trainer.max_epochs * steps_per_epoch if (trainer.max_epochs or -1) >= 0 else None
             from_steps = trainer.max_steps if trainer.max_steps >= 0 else None
@@ -467,8 +478,8 @@ class DPStrategy(DDPStrategy):
             noise_std=sigma * self.max_grad_norm,
             normalizer=self._expected_batch_size,
             generator=self._noise_generator,
-            all_reduce=None,
-            add_noise=True,
+            all_reduce=self._all_reduce_sum if self.world_size > 1 else None,
+            add_noise=self.global_rank == 0,  # one draw for the global sum, not one per rank
         )
         all_norms = torch.cat(norms) if norms else torch.zeros(0, device=self.root_device)
         self._last_norms = all_norms
@@ -492,6 +503,10 @@ class DPStrategy(DDPStrategy):
         self._pending = None
         self._record_release()
         return self.precision_plugin.post_backward(closure_loss, module)
+
+    @staticmethod
+    def _all_reduce_sum(flat: Tensor) -> None:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
 
     def _record_release(self) -> None:
         assert self._noise_multiplier is not None

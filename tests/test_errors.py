@@ -22,11 +22,6 @@ def _fit(strategy=None, model=None, data=None, **kw):
     trainer(strategy, max_steps=kw.pop("max_steps", 2), **kw).fit(model, data)
 
 
-def test_multi_device_refused_when_the_trainer_is_built():
-    with pytest.raises(DPMisconfigurationError, match="devices=1"):
-        trainer(DPStrategy(noise_multiplier=1.0), devices=2)
-
-
 def test_both_or_neither_of_target_and_noise():
     with pytest.raises(DPMisconfigurationError, match="exactly one"):
         DPStrategy(target_epsilon=1.0, noise_multiplier=1.0)

@@ -1,0 +1,63 @@
+"""DDP on 2 CPU processes (gloo), launched the way Lightning launches them, against single-process runs."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightning_dp.accounting import compute_epsilon
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_script.py")
+
+
+def run(tmp_path, mode, devices, ckpt=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("LOCAL_RANK", None)
+    args = [sys.executable, SCRIPT, str(tmp_path), mode, str(devices)] + ([str(ckpt)] if ckpt else [])
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tag = f"{mode}{'-resumed' if ckpt else ''}-{devices}"
+    return [torch.load(tmp_path / f"{tag}-rank{r}.pt", weights_only=True) for r in range(devices)]
+
+
+def test_noise_std_is_sigma_c_over_b_with_two_ranks(tmp_path):
+    ranks = run(tmp_path, "zero", 2)
+    assert all(r["world_size"] == 2 for r in ranks)
+    delta = ranks[0]["after"][0] - ranks[0]["before"][0]
+    expected = 2.0 * 1.5 / 20  # σ·C/B with B the global logical batch: not √2 larger (noise once), not smaller
+    assert delta.std().item() == pytest.approx(expected, rel=0.1)
+    assert torch.equal(ranks[0]["after"][0], ranks[1]["after"][0])
+
+
+def test_two_ranks_equal_one_process_without_noise(tmp_path):
+    two = run(tmp_path, "exact", 2)
+    one = run(tmp_path, "exact", 1)[0]
+    assert sum(two[0]["sizes"]) + sum(two[1]["sizes"]) == 3 * 40  # q = 1: the whole set every step, split by rank
+    for p2, p1, p0 in zip(two[0]["after"], one["after"], one["before"]):
+        assert not torch.allclose(p1, p0)
+        assert torch.allclose(p2, p1, atol=1e-5)
+
+
+def test_training_keeps_ranks_identical_and_ledger_matches(tmp_path):
+    ranks = run(tmp_path, "train", 2)
+    for a, b in zip(ranks[0]["after"], ranks[1]["after"]):
+        assert torch.equal(a, b), "parameters must stay bit-identical across ranks"
+    assert ranks[0]["ledger"] == ranks[1]["ledger"] and ranks[0]["epsilon"] == ranks[1]["epsilon"]
+    assert ranks[0]["global_step"] == 8 and ranks[0]["sample_rate"] == pytest.approx(10 / 200)
+    assert ranks[0]["epsilon"] == pytest.approx(compute_epsilon(1.0, 10 / 200, 8, 1e-5), rel=1e-9)
+    # the ranks drew different local batches and ran different numbers of micro-batches, yet finished
+    assert ranks[0]["sizes"] != ranks[1]["sizes"]
+    assert ranks[0]["micro_batches"] != ranks[1]["micro_batches"]
+
+
+def test_checkpoint_restores_the_ledger_on_every_rank(tmp_path):
+    first = run(tmp_path, "resume", 2)
+    assert first[0]["global_step"] == 4 and (tmp_path / "mid.ckpt").exists()
+    resumed = run(tmp_path, "resume", 2, ckpt=tmp_path / "mid.ckpt")
+    for r in resumed:
+        assert r["global_step"] == 8
+        assert r["ledger"]["segments"] == [
+            {"noise_multiplier": 1.0, "sample_rate": 0.05, "steps": 8, "mechanism": "dp-sgd"}
+        ]
