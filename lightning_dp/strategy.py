@@ -145,6 +145,7 @@ class DPStrategy(DDPStrategy):
         self.engine_name = engine
 
         self._noise_multiplier: float | None = noise_multiplier
+        self._phases: list[tuple[int, float]] = []  # (end step, exclusive; σ) when σ changes during the run
         self._sample_rate: float | None = None
         self._num_samples: int | None = None
         self._expected_batch_size: float | None = None
@@ -163,8 +164,41 @@ class DPStrategy(DDPStrategy):
     # ------------------------------------------------------------------ public state
     @property
     def noise_multiplier(self) -> float | None:
-        """σ: the noise std on the clipped sum relative to ``max_grad_norm`` (known once ``fit`` has started)."""
+        """σ of the current step: the noise std on the clipped sum relative to ``max_grad_norm`` (known once
+        ``fit`` has started; it changes between phases when a callback splits the budget, see ``noise_phases``).
+        """
+        if self._noise_multiplier is None:
+            return None
+        return self._sigma_at(self._released_steps)
+
+    @property
+    def noise_phases(self) -> list[tuple[int, float]]:
+        """``[(end_step, σ), ...]``: σ used for steps before ``end_step`` (exclusive), when the budget is split into
+        phases (e.g. linear probing, then fine-tuning); empty when σ is constant.
+        """
+        return list(self._phases)
+
+    def _sigma_at(self, step: int) -> float:
+        for end, sigma in self._phases:
+            if step < end:
+                return sigma
+        assert self._noise_multiplier is not None
         return self._noise_multiplier
+
+    def refresh_trainable(self) -> None:
+        """Rebuild the per-sample gradient engine after ``requires_grad`` flags changed (call between steps, e.g.
+        from a callback that switches from linear probing to fine-tuning). Frozen parameters get no gradient and no
+        noise; the optimizer skips them.
+        """
+        module = self.lightning_module
+        assert module is not None
+        if self._engine is not None:
+            self._engine.detach()
+        self._engine = build_engine(self.engine_name, module, loss_reduction=self.loss_reduction)
+        self._engine.attach()
+        for p in module.parameters():
+            if not p.requires_grad:
+                p.grad = None
 
     @property
     def sample_rate(self) -> float | None:
@@ -233,8 +267,30 @@ class DPStrategy(DDPStrategy):
         return plan
 
     def _step_noise_multiplier(self, step: int) -> float:
-        assert self._noise_multiplier is not None
-        return combine_noise_multipliers(self._noise_multiplier, *self._extra_noise(step))
+        return combine_noise_multipliers(self._sigma_at(step), *self._extra_noise(step))
+
+    def _budget_phases(self, planned: int) -> list[tuple[int, float]]:
+        """``[(end_step, cumulative share of target_epsilon)]`` declared by a callback's ``dp_budget_phases``."""
+        module = self.lightning_module
+        trainer = module.trainer if module is not None else None
+        phases: list[tuple[int, float]] = []
+        for cb in trainer.callbacks if trainer is not None else []:
+            fn = getattr(cb, "dp_budget_phases", None)
+            if callable(fn):
+                if phases:
+                    raise DPMisconfigurationError("Only one callback may split the privacy budget into phases.")
+                phases = [(int(e), float(f)) for e, f in fn(self, planned)]
+        if phases:
+            ends = [e for e, _ in phases]
+            shares = [f for _, f in phases]
+            if ends != sorted(ends) or ends[-1] != planned or shares != sorted(shares) or shares[-1] != 1.0:
+                raise DPMisconfigurationError(
+                    f"Budget phases {phases} must end at the planned {planned} steps, with increasing shares"
+                    " ending at 1."
+                )
+            if not self.poisson_sampling:
+                raise DPMisconfigurationError("Budget phases need Poisson sampling (poisson_sampling=True).")
+        return phases
 
     @property
     def world_size(self) -> int:
@@ -416,6 +472,9 @@ class DPStrategy(DDPStrategy):
         return MechanismSegment(sigma / 2.0, 1.0, steps, "dp-sgd")
 
     def _calibrate(self, planned: int) -> float:
+        """Calibrate σ (per budget phase, if a callback declares phases) for the remaining planned steps, on top
+        of what the ledger already spent. Sets ``self._phases`` and returns the σ of the last phase.
+        """
         restored = self._restored or {}
         same_plan = (
             restored.get("sample_rate") == self._sample_rate
@@ -425,6 +484,7 @@ class DPStrategy(DDPStrategy):
             and restored.get("poisson_sampling", True) == self.poisson_sampling
         )
         if same_plan and restored.get("noise_multiplier"):
+            self._phases = [(int(e), float(s)) for e, s in restored.get("noise_phases", [])]
             return float(restored["noise_multiplier"])
         remaining = planned - self._released_steps
         if remaining <= 0:
@@ -433,21 +493,46 @@ class DPStrategy(DDPStrategy):
                 " raise max_epochs/max_steps to continue."
             )
         assert self.target_epsilon is not None and self._sample_rate is not None
-        plan = self._joint_plan(self._released_steps, remaining)
-        prior = self._ledger.segments
-        if self.poisson_sampling:
-            return calibrate_noise_multiplier(
-                self.target_epsilon, self.delta, self._sample_rate, remaining, prior=prior, joint_noise=plan
+        if not self.poisson_sampling:
+            # Shuffled: one release per epoch at sensitivity 2C (the ledger sees σ/2 at q = 1), with the worst
+            # step's extra releases: calibrate that, then double.
+            plan = self._joint_plan(self._released_steps, remaining)
+            spe = self._steps_per_epoch or 1
+            epochs = max(1, math.ceil(planned / spe) - math.ceil(self._released_steps / spe))
+            worst = max(plan, key=lambda extra: sum(x**-2 for x in extra))
+            halved = tuple(x / 2.0 for x in worst)
+            return 2.0 * calibrate_noise_multiplier(
+                self.target_epsilon,
+                self.delta,
+                1.0,
+                epochs,
+                prior=self._ledger.segments,
+                joint_noise={halved: epochs} if worst else None,
             )
-        # Shuffled: one release per epoch at sensitivity 2C (the ledger sees σ/2 at q = 1), with the worst step's
-        # extra releases: calibrate that, then double.
-        spe = self._steps_per_epoch or 1
-        epochs = max(1, math.ceil(planned / spe) - math.ceil(self._released_steps / spe))
-        worst = max(plan, key=lambda extra: sum(x**-2 for x in extra))
-        halved = tuple(x / 2.0 for x in worst)
-        return 2.0 * calibrate_noise_multiplier(
-            self.target_epsilon, self.delta, 1.0, epochs, prior=prior, joint_noise={halved: epochs} if worst else None
-        )
+        phases = self._budget_phases(planned) or [(planned, 1.0)]
+        prior = list(self._ledger.segments)
+        start = self._released_steps
+        calibrated: list[tuple[int, float]] = []
+        sigma = 0.0
+        for end, share in phases:
+            if end <= start:
+                continue
+            plan = self._joint_plan(start, end - start)
+            sigma = calibrate_noise_multiplier(
+                share * self.target_epsilon,
+                self.delta,
+                self._sample_rate,
+                end - start,
+                prior=prior,
+                joint_noise=plan,
+            )
+            calibrated.append((end, sigma))
+            prior += [
+                MechanismSegment(combine_noise_multipliers(sigma, *x), self._sample_rate, n) for x, n in plan.items()
+            ]
+            start = end
+        self._phases = calibrated if len(calibrated) > 1 else []
+        return sigma
 
     # ------------------------------------------------------------------ the private step
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -472,7 +557,7 @@ class DPStrategy(DDPStrategy):
             losses.append(loss.detach().float() * size)
             last_output = output
         n = sum(size for _, size in micro_batches)
-        sigma = self._noise_multiplier
+        sigma = self._sigma_at(self._released_steps)
         self._pending = privatize(
             engine.pop_summed(),
             noise_std=sigma * self.max_grad_norm,
@@ -534,10 +619,11 @@ class DPStrategy(DDPStrategy):
             ahead = max(1, min(ahead, self._planned_steps - self._released_steps))
         assert self._noise_multiplier is not None
         if self.poisson_sampling:
-            plan = self._joint_plan(self._released_steps, ahead)
-            extra = [
-                self._release_segment(combine_noise_multipliers(self._noise_multiplier, *x), n) for x, n in plan.items()
-            ]
+            combined: dict[float, int] = {}
+            for k in range(self._released_steps, self._released_steps + ahead):
+                sigma_k = self._step_noise_multiplier(k)
+                combined[sigma_k] = combined.get(sigma_k, 0) + 1
+            extra = [self._release_segment(s, n) for s, n in combined.items()]
         else:
             epochs_ahead = math.ceil((step + ahead - 1) / spe) - math.ceil(self._released_steps / spe)
             sigma = min(self._step_noise_multiplier(self._released_steps + k) for k in range(ahead + spe))
@@ -548,7 +634,7 @@ class DPStrategy(DDPStrategy):
 
     def _log_step_metrics(self, module: pl.LightningModule, norms: Tensor) -> None:
         assert self._noise_multiplier is not None and self._expected_batch_size is not None
-        sigma = self._noise_multiplier
+        sigma = self._sigma_at(self._released_steps)
         metrics = {
             "dp/epsilon": self._epsilon_upper_bound(),
             "dp/noise_multiplier": sigma,
@@ -572,6 +658,7 @@ class DPStrategy(DDPStrategy):
             "released_steps": self._released_steps,
             "last_recorded_epoch": self._last_recorded_epoch,
             "noise_multiplier": self._noise_multiplier,
+            "noise_phases": [[e, s] for e, s in self._phases],
             "sample_rate": self._sample_rate,
             "planned_steps": self._planned_steps,
             "target_epsilon": self.target_epsilon,
