@@ -36,6 +36,7 @@ from lightning_dp.accounting import (
     calibrate_noise_multiplier,
     combine_noise_multipliers,
 )
+from lightning_dp.clipping import CLIPPING_MODES, ClippingMode, sensitivity
 from lightning_dp.engine import build_engine
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError
 from lightning_dp.noise import privatize
@@ -70,7 +71,12 @@ class DPStrategy(DDPStrategy):
         epsilon_refresh_steps: ``dp/epsilon`` is logged every step as an upper bound valid for the next this-many
             steps (one PRV evaluation takes seconds). Default: a quarter epoch.
         sampling_seed: seed of the Poisson sampler (default: drawn from torch's global RNG).
-        engine: the per-sample gradient engine, a name in ``lightning_dp.engine.ENGINES``.
+        engine: the per-sample clipping engine, a name in ``lightning_dp.engine.ENGINES``: ``"ghost"`` (default:
+            book-keeping with ghost norms, one backward pass, no per-sample weight gradients) or ``"hooks"``
+            (materialises per-sample gradients, like Opacus hooks).
+        clipping: ``"flat"`` (g·min(1, C/‖g‖)), ``"normalized"`` (g·min(1/C, 1/‖g‖), sensitivity 1: a flat learning
+            rate η maps to η·C) or ``"automatic"`` (AUTO-S, C·g/(‖g‖+0.01)); see :mod:`lightning_dp.clipping`.
+            The noise is σ × the rule's sensitivity, so the accounting is the same.
 
     Raises:
         DPMisconfigurationError: for inconsistent arguments (both or neither of target/noise, C ≤ 0, ...).
@@ -96,7 +102,8 @@ class DPStrategy(DDPStrategy):
         log_clip_fraction: bool = True,
         epsilon_refresh_steps: int | None = None,
         sampling_seed: int | None = None,
-        engine: str = "hooks",
+        engine: str = "ghost",
+        clipping: ClippingMode = "flat",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -143,6 +150,9 @@ class DPStrategy(DDPStrategy):
         self.epsilon_refresh_steps = epsilon_refresh_steps
         self.sampling_seed = sampling_seed
         self.engine_name = engine
+        if clipping not in CLIPPING_MODES:
+            raise DPMisconfigurationError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}.")
+        self.clipping = clipping
 
         self._noise_multiplier: float | None = noise_multiplier
         self._phases: list[tuple[int, float]] = []  # (end step, exclusive; σ) when σ changes during the run
@@ -553,14 +563,14 @@ class DPStrategy(DDPStrategy):
                     output = module.training_step(micro, *rest, **kwargs)
                 loss = _loss_of(output)
                 loss.backward()
-            norms.append(engine.clip_and_accumulate(self.max_grad_norm))
+            norms.append(engine.clip_and_accumulate(self.max_grad_norm, self.clipping))
             losses.append(loss.detach().float() * size)
             last_output = output
         n = sum(size for _, size in micro_batches)
         sigma = self._sigma_at(self._released_steps)
         self._pending = privatize(
             engine.pop_summed(),
-            noise_std=sigma * self.max_grad_norm,
+            noise_std=sigma * sensitivity(self.max_grad_norm, self.clipping),
             normalizer=self._expected_batch_size,
             generator=self._noise_generator,
             all_reduce=self._all_reduce_sum if self.world_size > 1 else None,
@@ -639,7 +649,7 @@ class DPStrategy(DDPStrategy):
             "dp/epsilon": self._epsilon_upper_bound(),
             "dp/noise_multiplier": sigma,
             "dp/sample_rate": float(self._sample_rate),
-            "dp/effective_noise": sigma * self.max_grad_norm / self._expected_batch_size,
+            "dp/effective_noise": sigma * sensitivity(self.max_grad_norm, self.clipping) / self._expected_batch_size,
         }
         if self._planned_steps:
             metrics["dp/cumulative_noise"] = sigma * math.sqrt(self._planned_steps)
@@ -664,6 +674,7 @@ class DPStrategy(DDPStrategy):
             "target_epsilon": self.target_epsilon,
             "delta": self.delta,
             "max_grad_norm": self.max_grad_norm,
+            "clipping": self.clipping,
             "poisson_sampling": self.poisson_sampling,
             "sampling_seed": self.sampling_seed,
         }

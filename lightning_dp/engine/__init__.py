@@ -4,6 +4,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_dp.engine.ghost import GhostEngine
 from lightning_dp.engine.hooks import HookEngine
 from lightning_dp.engine.rules import (
     GradSampleRule,
@@ -16,7 +17,9 @@ from lightning_dp.errors import DPMisconfigurationError
 #: Per-sample gradient engines by name. An engine takes ``(module, loss_reduction=...)`` and provides ``params``,
 #: ``attach()``, ``detach()``, ``capture(batch_size)`` (a context spanning one micro-batch's forward and backward),
 #: ``clip_and_accumulate(max_grad_norm) -> per-sample norms`` and ``pop_summed() -> {param: clipped sum}``.
-ENGINES: dict[str, type] = {"hooks": HookEngine}
+#: ``"hooks"`` instantiates every per-sample gradient; ``"ghost"`` uses ghost norms and book-keeping (one backward pass,
+#: no per-sample weight gradients).
+ENGINES: dict[str, type] = {"hooks": HookEngine, "ghost": GhostEngine}
 
 
 def build_engine(name: str, module: nn.Module, loss_reduction: str = "mean") -> Any:
@@ -32,6 +35,7 @@ def build_engine(name: str, module: nn.Module, loss_reduction: str = "mean") -> 
 
 __all__ = [
     "ENGINES",
+    "GhostEngine",
     "GradSampleRule",
     "HookEngine",
     "build_engine",

@@ -16,15 +16,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_dp.engine.rules import GradSampleRule, broadcast_parameter_names, find_rule
+from lightning_dp.clipping import ClippingMode, clip_factors
+from lightning_dp.engine.layers import (
+    BroadcastParameter,
+    check_sums_against_autograd,
+    full_precision_matmuls,
+    in_backward,
+    per_sample_broadcast,
+    plan_layers,
+    trainable_parameters,
+)
+from lightning_dp.engine.rules import GradSampleRule, find_rule
 from lightning_dp.errors import DPMisconfigurationError, UnsupportedLayerError
-
-#: Added to per-sample norms before dividing, as Opacus does, so that a zero gradient gets factor 1.
-CLIP_EPS = 1e-6
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
 
 
 class HookEngine:
@@ -54,17 +57,12 @@ class HookEngine:
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
         self.module = module
         self.loss_reduction = loss_reduction
-        self.params: list[nn.Parameter] = list(dict.fromkeys(p for p in module.parameters() if p.requires_grad))
-        if not self.params:
-            raise DPMisconfigurationError(
-                f"{type(module).__name__} has no trainable parameters (all have requires_grad=False). Unfreeze the"
-                " parameters to fine-tune, e.g. the classifier head, before fitting with DPStrategy."
-            )
+        self.params: list[nn.Parameter] = trainable_parameters(module)
         self.param_names: dict[nn.Parameter, str] = {}
         for name, p in module.named_parameters():
             self.param_names.setdefault(p, name)
         self._layers: list[tuple[str, nn.Module, GradSampleRule]] = []
-        self._broadcast: list[tuple[str, nn.Module, str, nn.Parameter]] = []
+        self._broadcast: list[BroadcastParameter] = []
         self._plan()
         self._handles: list[RemovableHandle] = []
         self._capturing = False
@@ -75,32 +73,8 @@ class HookEngine:
 
     # ------------------------------------------------------------------ planning
     def _plan(self) -> None:
-        for mod_name, mod in self.module.named_modules():
-            direct = {n: p for n, p in mod._parameters.items() if p is not None and p.requires_grad}
-            if not direct:
-                continue
-            rule = find_rule(mod)
-            if rule is not None:
-                self._layers.append((mod_name, mod, rule))
-                continue
-            allowed = broadcast_parameter_names(mod)
-            unknown = [n for n in direct if n not in allowed]
-            if unknown:
-                where = mod_name or "<root>"
-                raise UnsupportedLayerError(
-                    f"No per-sample gradient rule for layer '{where}' of type {type(mod).__module__}."
-                    f"{type(mod).__qualname__} with trainable parameters {unknown}. Freeze it"
-                    " (requires_grad=False), replace it with a supported layer, or register a rule with"
-                    " lightning_dp.engine.register_grad_sampler (or register_broadcast_parameters for raw"
-                    " parameters of shape (1, ...) broadcast over the batch)."
-                )
-            for n, p in direct.items():
-                if p.dim() == 0 or p.shape[0] != 1:
-                    raise UnsupportedLayerError(
-                        f"Parameter '{mod_name}.{n}' is registered as broadcast over the batch but has shape"
-                        f" {tuple(p.shape)}; a broadcast parameter needs a leading dimension of size 1."
-                    )
-                self._broadcast.append((mod_name, mod, n, p))
+        layers, self._broadcast = plan_layers(self.module, lambda mod: find_rule(mod) is not None)
+        self._layers = [(name, mod, find_rule(mod)) for name, mod in layers]  # type: ignore[misc]
 
     @property
     def layer_names(self) -> list[str]:
@@ -125,7 +99,7 @@ class HookEngine:
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             if not self._capturing or not torch.is_grad_enabled():
                 return
-            if _in_backward():
+            if in_backward():
                 raise DPMisconfigurationError(
                     f"Layer {type(mod).__name__} ran its forward during backward: gradient checkpointing (activation"
                     " recomputation) is not compatible with per-sample gradient hooks. Disable it, e.g."
@@ -173,44 +147,23 @@ class HookEngine:
         self._grad_samples = {}
         for p in self.params:  # p.grad may hold an earlier release; this micro-batch's autograd grad is checked
             p.grad = None
-        expanded: list[tuple[nn.Module, str, nn.Parameter, Tensor]] = []
-        for _, mod, name, p in self._broadcast:
-            e = p.detach().expand(batch_size, *p.shape[1:]).clone().requires_grad_(True)
-            mod._parameters[name] = e  # type: ignore[assignment]  # restored below; state-dict keys unchanged
-            expanded.append((mod, name, p, e))
+        broadcast_grads: dict[nn.Parameter, Tensor] = {}
         self._capturing = True
         try:
-            yield
+            with per_sample_broadcast(self._broadcast, batch_size, broadcast_grads):
+                yield
         finally:
             self._capturing = False
-            for mod, name, p, e in expanded:
-                mod._parameters[name] = p
-                if e.grad is not None:
-                    self._grad_samples[p] = e.grad.float().reshape(batch_size, *p.shape)
+            self._grad_samples.update(broadcast_grads)
 
     # ------------------------------------------------------------------ clipping
     def _scale(self) -> float:
         return float(self._batch_size) if self.loss_reduction == "mean" else 1.0
 
     def _check_against_autograd(self) -> None:
-        """Compare Σ_i g_i with autograd's ``p.grad``: a use of a parameter outside its layer's forward (e.g.
-        ``F.linear(x, layer.weight)``) is invisible to hooks and would silently drop gradient.
-        """
-        for p in self.params:
-            if p.grad is None:
-                continue
-            gs = self._grad_samples.get(p)
-            total = torch.zeros_like(p.grad, dtype=torch.float32) if gs is None else gs.sum(0)
-            ref = p.grad.float()
-            err = (total - ref).norm()
-            if err > 0.05 * ref.norm() + 1e-6:
-                raise DPMisconfigurationError(
-                    f"The per-sample gradients of '{self.param_names.get(p, '?')}' do not add up to its gradient"
-                    f" (relative error {float(err / (ref.norm() + 1e-12)):.3g}). The parameter is used outside its"
-                    " layer's forward (e.g. F.linear(x, layer.weight) or weight tying through a functional call),"
-                    " which per-sample hooks cannot see. Call the layer itself, or register a rule for the module"
-                    " that uses it."
-                )
+        """Compare Σ_i g_i with autograd's ``p.grad`` (see :func:`check_sums_against_autograd`)."""
+        totals = {p: gs.sum(0) for p, gs in self._grad_samples.items()}
+        check_sums_against_autograd(self.params, totals, self.param_names)
 
     def per_sample_gradients(self) -> dict[nn.Parameter, Tensor]:
         """The captured per-sample gradients of the last micro-batch, shape ``(b, *p.shape)``, fp32, before
@@ -219,13 +172,20 @@ class HookEngine:
         scale = self._scale()
         return {p: gs * scale for p, gs in self._grad_samples.items()}
 
-    def clip_and_accumulate(self, max_grad_norm: float) -> Tensor:
-        """Clip the captured per-sample gradients to ``max_grad_norm`` (flat, over all parameters) and add them to
+    def clip_and_accumulate(
+        self, max_grad_norm: float, clipping: ClippingMode = "flat", stability: float = 0.01
+    ) -> Tensor:
+        """Clip the captured per-sample gradients with ``clipping`` (see :mod:`lightning_dp.clipping`; the norm is
+        over all parameters) and add them to
         the running clipped sum. Clears ``p.grad`` (it holds the non-private gradient of the micro-batch).
 
         Returns:
             The per-sample gradient norms before clipping, shape ``(b,)``, in fp32.
         """
+        with full_precision_matmuls():
+            return self._clip_and_accumulate(max_grad_norm, clipping, stability)
+
+    def _clip_and_accumulate(self, max_grad_norm: float, clipping: ClippingMode, stability: float) -> Tensor:
         scale = self._scale()
         if self.check_against_autograd:
             self._check_against_autograd()
@@ -236,7 +196,7 @@ class HookEngine:
         for gs in self._grad_samples.values():
             sq += gs.reshape(b, -1).pow(2).sum(1) * scale**2
         norms = sq.sqrt()
-        factors = (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * scale
+        factors = clip_factors(norms, max_grad_norm, clipping, stability) * scale
         for p, gs in self._grad_samples.items():
             clipped = torch.einsum("i,i...->...", factors, gs)
             acc = self._summed.get(p)

@@ -1,0 +1,401 @@
+"""Throughput and peak memory of private training modes on timm ViTs, one fresh subprocess per configuration.
+
+Modes (AdamW, synthetic data, the same model and precision in each):
+
+- ``nonprivate``: a plain torch loop, the reference.
+- ``opacus_hooks``: Opacus ``GradSampleModule`` + ``DPOptimizer`` (per-sample gradients by hooks).
+- ``opacus_ghost``: Opacus ``GradSampleModuleFastGradientClipping`` + ``DPOptimizerFastGradientClipping`` +
+  ``DPLossFastGradientClipping`` (ghost clipping, two backward passes).
+- ``ldp_hooks`` / ``ldp_ghost``: lightning_dp through a real ``lightning.Trainer`` + ``DPStrategy(engine=...)``.
+- ``engine_hooks`` / ``engine_ghost``: the bare lightning_dp engines in a plain loop (capture → clip → noise → step).
+
+Opacus cannot handle timm ViT's raw ``cls_token`` / ``pos_embed`` per layer, so they are frozen in the Opacus modes
+(column ``raw``); every other mode trains them. The step time is the median over the timed steps after warm-up,
+excluding data loading (synthetic batches are already on the device). Peak memory: ``torch.cuda.max_memory_allocated``
+on GPU; on CPU the process's peak RSS (``ru_maxrss``) and its growth over the RSS after imports.
+
+Examples:
+    python benchmarks/throughput.py                      # GPU: ViT-Ti/S/B at 224 px, batch 64/128/256
+    python benchmarks/throughput.py --precision bf16-mixed --out bf16.json
+    python benchmarks/throughput.py --small              # CPU: a small ViT-Tiny at 32 px
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+ALL_MODES = [
+    "nonprivate",
+    "opacus_hooks",
+    "opacus_ghost",
+    "ldp_hooks",
+    "ldp_ghost",
+    "engine_hooks",
+    "engine_ghost",
+]
+OPACUS_MODES = {"opacus_hooks", "opacus_ghost"}
+NOISE_MULTIPLIER = 1.0
+MAX_GRAD_NORM = 1.0
+
+
+# ---------------------------------------------------------------------------------------------------- worker
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _build_model(cfg: dict[str, Any]) -> Any:
+    import timm
+
+    kw = dict(pretrained=False, num_classes=cfg["num_classes"], img_size=cfg["img_size"])
+    if cfg.get("patch_size"):
+        kw["patch_size"] = cfg["patch_size"]
+    if cfg.get("depth"):
+        kw["depth"] = cfg["depth"]
+    model = timm.create_model(cfg["model"], **kw)
+    if cfg["mode"] in OPACUS_MODES:
+        for name in ("cls_token", "reg_token", "pos_embed", "dist_token"):
+            p = getattr(model, name, None)
+            if p is not None:
+                p.requires_grad_(False)
+    return model
+
+
+def _autocast(cfg: dict[str, Any], device: Any) -> Any:
+    import contextlib
+
+    import torch
+
+    if cfg["precision"] == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _plain_loop(cfg: dict[str, Any], model: Any, device: Any) -> list[float]:
+    """Run ``warmup + steps`` steps of the plain-loop modes; return the timed step durations."""
+    import torch
+    from torch import nn
+
+    b = cfg["batch_size"]
+    x = torch.randn(b, 3, cfg["img_size"], cfg["img_size"], device=device)
+    y = torch.randint(0, cfg["num_classes"], (b,), device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    mode = cfg["mode"]
+    criterion = nn.CrossEntropyLoss()
+
+    if mode == "nonprivate":
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(cfg, device):
+                loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+
+    elif mode == "opacus_hooks":
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        gsm = GradSampleModule(model)
+        dp_opt = DPOptimizer(
+            optimizer, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, expected_batch_size=b
+        )
+
+        def step() -> None:
+            dp_opt.zero_grad(set_to_none=True)
+            with _autocast(cfg, device):
+                loss = criterion(gsm(x), y)
+            loss.backward()
+            dp_opt.step()
+
+    elif mode == "opacus_ghost":
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        gsm = GradSampleModuleFastGradientClipping(model, max_grad_norm=MAX_GRAD_NORM, use_ghost_clipping=True)
+        dp_opt = DPOptimizerFastGradientClipping(
+            optimizer, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, expected_batch_size=b
+        )
+        dp_loss = DPLossFastGradientClipping(gsm, dp_opt, nn.CrossEntropyLoss(), loss_reduction="mean")
+
+        def step() -> None:
+            dp_opt.zero_grad(set_to_none=True)
+            with _autocast(cfg, device):
+                loss = dp_loss(gsm(x), y)
+            loss.backward()
+            dp_opt.step()
+
+    elif mode in ("engine_hooks", "engine_ghost"):
+        from lightning_dp.engine import build_engine
+        from lightning_dp.noise import privatize
+
+        engine = build_engine(mode.split("_", 1)[1], model)
+        engine.attach()
+        generator = torch.Generator(device=device).manual_seed(0)
+
+        def step() -> None:
+            with engine.capture(b):
+                with _autocast(cfg, device):
+                    loss = criterion(model(x), y)
+                loss.backward()
+            engine.clip_and_accumulate(MAX_GRAD_NORM)
+            grads = privatize(
+                engine.pop_summed(), noise_std=NOISE_MULTIPLIER * MAX_GRAD_NORM, normalizer=b, generator=generator
+            )
+            for p, g in grads.items():
+                p.grad = g
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    else:
+        raise ValueError(mode)
+
+    times = []
+    for i in range(cfg["warmup"] + cfg["steps"]):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        if i >= cfg["warmup"]:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _lightning_loop(cfg: dict[str, Any], model: Any, device: Any) -> list[float]:
+    """Run the lightning_dp modes through a real Trainer; return the timed step durations."""
+    import lightning as L
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_dp import DPStrategy
+
+    b = cfg["batch_size"]
+    total = cfg["warmup"] + cfg["steps"]
+    n = b * total
+    g = torch.Generator().manual_seed(0)
+    # One fixed batch repeated: data loading is not what is measured (the timer excludes it anyway).
+    xs = torch.randn(b, 3, cfg["img_size"], cfg["img_size"], generator=g).repeat(total, 1, 1, 1)
+    ys = torch.randint(0, cfg["num_classes"], (n,), generator=g)
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
+
+    class Timer(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._start = 0.0
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            _sync(device)
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            _sync(device)
+            self.times.append(time.perf_counter() - self._start)
+
+    # Fixed-size shuffled batches (poisson_sampling=False) so every timed step has exactly `b` examples; ε is
+    # evaluated once, during warm-up (epsilon_refresh_steps covers the run).
+    strategy = DPStrategy(
+        noise_multiplier=NOISE_MULTIPLIER,
+        max_grad_norm=MAX_GRAD_NORM,
+        poisson_sampling=False,
+        epsilon_refresh_steps=total,
+        sampling_seed=0,
+        engine=cfg["mode"].split("_", 1)[1],
+    )
+    timer = Timer()
+    trainer = L.Trainer(
+        accelerator=device.type,
+        devices=1,
+        strategy=strategy,
+        precision="bf16-mixed" if cfg["precision"] == "bf16-mixed" else "32-true",
+        max_steps=total,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    trainer.fit(Module(), DataLoader(TensorDataset(xs, ys), batch_size=b, shuffle=True))
+    return timer.times[cfg["warmup"] :]
+
+
+def worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Measure one configuration in this (fresh) process."""
+    import torch
+
+    device = torch.device(cfg["device"])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # "fp32" = fp32 weights with TF32 matmuls, as the references
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    rss_after_imports = _rss_mib()
+    model = _build_model(cfg).to(device).train()
+    if cfg["mode"].startswith("ldp_"):
+        times = _lightning_loop(cfg, model, device)
+    else:
+        times = _plain_loop(cfg, model, device)
+    step = statistics.median(times)
+    out = dict(cfg, step_s=step, samples_per_s=cfg["batch_size"] / step, timed_steps=len(times))
+    if device.type == "cuda":
+        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        out["peak_mib"] = peak
+        out["peak_growth_mib"] = peak - rss_after_imports
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def _configs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = args.device or ("cuda" if _cuda_available() else "cpu")
+    if args.small:
+        models = args.models or ["vit_tiny_patch16_224"]
+        batches = args.batch_sizes or [32, 64]
+        img, patch, depth = args.img_size or 32, args.patch_size or 8, args.depth or 6
+        steps, warmup = args.steps or 5, args.warmup or 2
+    else:
+        models = args.models or ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
+        batches = args.batch_sizes or [64, 128, 256]
+        img, patch, depth = args.img_size or 224, args.patch_size, args.depth
+        steps, warmup = args.steps or 10, args.warmup or 3
+    out = []
+    for model in models:
+        for b in batches:
+            for mode in args.modes:
+                out.append(
+                    dict(
+                        model=model,
+                        batch_size=b,
+                        mode=mode,
+                        img_size=img,
+                        patch_size=patch,
+                        depth=depth,
+                        num_classes=args.num_classes,
+                        precision=args.precision,
+                        steps=steps,
+                        warmup=warmup,
+                        device=device,
+                    )
+                )
+    return out
+
+
+def _cuda_available() -> bool:
+    code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def _run_one(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(cfg, error=f"timeout after {timeout:.0f} s")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()
+    reason = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), tail[-1] if tail else "?")
+    return dict(cfg, error=reason[:160])
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    cpu = any(r.get("device") == "cpu" for r in results)
+    mem_head = "peak RSS MiB (+growth)" if cpu else "peak MiB"
+    head = f"| model | batch | prec | mode | raw params | samples/s | × non-private | {mem_head} |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    ref = {
+        (r["model"], r["batch_size"], r["precision"]): r["samples_per_s"]
+        for r in results
+        if r["mode"] == "nonprivate" and "samples_per_s" in r
+    }
+    for r in results:
+        raw = "frozen" if r["mode"] in OPACUS_MODES else "trained"
+        name = r["model"].replace("_patch16_224", "")
+        if r.get("patch_size") or r.get("depth"):
+            name += f" ({r['img_size']}px" + (f", p{r['patch_size']}" if r.get("patch_size") else "")
+            name += (f", depth {r['depth']}" if r.get("depth") else "") + ")"
+        else:
+            name += f" ({r['img_size']}px)"
+        if "error" in r:
+            lines.append(
+                f"| {name} | {r['batch_size']} | {r['precision']} | {r['mode']} | {raw} | — | — | error: {r['error']} |"
+            )
+            continue
+        base = ref.get((r["model"], r["batch_size"], r["precision"]))
+        ratio = f"{r['samples_per_s'] / base:.2f}" if base else "—"
+        mem = f"{r['peak_mib']:.0f}" + (f" (+{r['peak_growth_mib']:.0f})" if "peak_growth_mib" in r else "")
+        lines.append(
+            f"| {name} | {r['batch_size']} | {r['precision']} | {r['mode']} | {raw} | {r['samples_per_s']:.1f} |"
+            f" {ratio} | {mem} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="a small CPU configuration (ViT-Tiny, 32 px, patch 8)")
+    parser.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
+    parser.add_argument("--models", nargs="+", default=None)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=None)
+    parser.add_argument("--modes", nargs="+", choices=ALL_MODES, default=ALL_MODES)
+    parser.add_argument("--img-size", type=int, default=None)
+    parser.add_argument("--patch-size", type=int, default=None)
+    parser.add_argument("--depth", type=int, default=None)
+    parser.add_argument("--num-classes", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker is not None:
+        cfg = json.loads(args.worker)
+        print("RESULT " + json.dumps(worker(cfg)), flush=True)
+        return
+
+    results = []
+    for cfg in _configs(args):
+        r = _run_one(cfg, args.timeout)
+        status = r.get("error") or f"{r['samples_per_s']:.1f} samples/s, peak {r['peak_mib']:.0f} MiB"
+        print(f"[{cfg['model']} b={cfg['batch_size']} {cfg['mode']}] {status}", file=sys.stderr, flush=True)
+        results.append(r)
+    print(_table(results))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

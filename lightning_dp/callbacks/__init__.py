@@ -1,0 +1,18 @@
+"""Callbacks for private training: observability (private gradient-norm histograms, run summary) and budget stops.
+
+They work with :class:`lightning_dp.DPStrategy` only. Statistics of private data are released either noised and
+accounted (the default) or labelled ``nonprivate/`` as diagnostics outside the DP guarantee.
+"""
+
+from lightning_dp.callbacks.grad_norm_histogram import GradNormHistogram, NormHistogram, histogram_quantiles
+from lightning_dp.callbacks.privacy_budget import PrivacyBudget
+from lightning_dp.callbacks.privacy_summary import PrivacySummary, privacy_summary
+
+__all__ = [
+    "GradNormHistogram",
+    "NormHistogram",
+    "PrivacyBudget",
+    "PrivacySummary",
+    "histogram_quantiles",
+    "privacy_summary",
+]

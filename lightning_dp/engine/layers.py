@@ -1,0 +1,173 @@
+"""Which layers a per-sample gradient engine must cover: the planning shared by every engine.
+
+An engine covers each trainable parameter either through the layer that owns it (a layer with a per-sample
+method) or as a *broadcast parameter*: a raw ``nn.Parameter`` of shape ``(1, ...)`` that the model broadcasts along
+the batch (timm ViT's ``cls_token``, ``pos_embed``), whose per-sample gradient is obtained by substituting a
+per-sample copy during the forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from lightning_dp.clipping import CLIP_EPS
+from lightning_dp.engine.rules import broadcast_parameter_names
+from lightning_dp.errors import DPMisconfigurationError, UnsupportedLayerError
+
+#: ``(module name, module, parameter name, parameter)`` of a raw parameter broadcast along the batch.
+BroadcastParameter = tuple[str, nn.Module, str, nn.Parameter]
+
+
+@contextmanager
+def full_precision_matmuls() -> Iterator[None]:
+    """fp32 matmuls without TF32 while norms and clipped sums are formed: TF32 rounds fp32 inputs to 10-bit
+    mantissas, which would make per-sample norms (and so the sensitivity bound) approximate.
+    """
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def in_backward() -> bool:
+    """Whether autograd is running a backward pass now (a forward then is activation recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The distinct trainable parameters of ``module``, in registration order.
+
+    Raises:
+        DPMisconfigurationError: if there is none.
+    """
+    params = list(dict.fromkeys(p for p in module.parameters() if p.requires_grad))
+    if not params:
+        raise DPMisconfigurationError(
+            f"{type(module).__name__} has no trainable parameters (all have requires_grad=False). Unfreeze the"
+            " parameters to fine-tune, e.g. the classifier head, before fitting with DPStrategy."
+        )
+    return params
+
+
+def plan_layers(
+    module: nn.Module, supported: Callable[[nn.Module], bool]
+) -> tuple[list[tuple[str, nn.Module]], list[BroadcastParameter]]:
+    """Split ``module``'s trainable parameters into per-layer work and broadcast parameters.
+
+    Args:
+        module: the model.
+        supported: whether an engine has a per-sample method for a layer (given the layer).
+
+    Returns:
+        ``(layers, broadcast)``: the ``(name, layer)`` pairs owning trainable parameters that ``supported``
+        accepts, and the broadcast parameters of the other layers.
+
+    Raises:
+        UnsupportedLayerError: for a layer with trainable parameters that is neither supported nor declares them
+            as broadcast parameters, or a broadcast parameter without a leading dimension of size 1.
+    """
+    layers: list[tuple[str, nn.Module]] = []
+    broadcast: list[BroadcastParameter] = []
+    for mod_name, mod in module.named_modules():
+        direct = {n: p for n, p in mod._parameters.items() if p is not None and p.requires_grad}
+        if not direct:
+            continue
+        if supported(mod):
+            layers.append((mod_name, mod))
+            continue
+        allowed = broadcast_parameter_names(mod)
+        unknown = [n for n in direct if n not in allowed]
+        if unknown:
+            where = mod_name or "<root>"
+            raise UnsupportedLayerError(
+                f"No per-sample gradient rule for layer '{where}' of type {type(mod).__module__}."
+                f"{type(mod).__qualname__} with trainable parameters {unknown}. Freeze it"
+                " (requires_grad=False), replace it with a supported layer, or register a rule with"
+                " lightning_dp.engine.register_grad_sampler (or register_broadcast_parameters for raw"
+                " parameters of shape (1, ...) broadcast over the batch)."
+            )
+        for n, p in direct.items():
+            if p.dim() == 0 or p.shape[0] != 1:
+                raise UnsupportedLayerError(
+                    f"Parameter '{mod_name}.{n}' is registered as broadcast over the batch but has shape"
+                    f" {tuple(p.shape)}; a broadcast parameter needs a leading dimension of size 1."
+                )
+            broadcast.append((mod_name, mod, n, p))
+    return layers, broadcast
+
+
+@contextmanager
+def per_sample_broadcast(
+    broadcast: list[BroadcastParameter], batch_size: int, grads: dict[nn.Parameter, Tensor]
+) -> Iterator[None]:
+    """Substitute a per-sample copy ``(batch_size, ...)`` for each broadcast parameter while inside.
+
+    On exit the original parameters are put back (state-dict keys never change) and, for each copy that received a
+    gradient, ``grads[p]`` is set to its per-sample gradient, shape ``(batch_size, *p.shape)``, in fp32.
+
+    Args:
+        broadcast: the broadcast parameters (from :func:`plan_layers`).
+        batch_size: the number of examples of the micro-batch.
+        grads: filled with the per-sample gradients on exit.
+    """
+    expanded: list[tuple[nn.Module, str, nn.Parameter, Tensor]] = []
+    for _, mod, name, p in broadcast:
+        e = p.detach().expand(batch_size, *p.shape[1:]).clone().requires_grad_(True)
+        mod._parameters[name] = e  # type: ignore[assignment]  # restored below; state-dict keys unchanged
+        expanded.append((mod, name, p, e))
+    try:
+        yield
+    finally:
+        for mod, name, p, e in expanded:
+            mod._parameters[name] = p
+            if e.grad is not None:
+                grads[p] = e.grad.float().reshape(batch_size, *p.shape)
+
+
+def check_sums_against_autograd(
+    params: list[nn.Parameter], totals: dict[nn.Parameter, Tensor], names: dict[nn.Parameter, str]
+) -> None:
+    """Compare an engine's Σ_i g_i with autograd's ``p.grad``.
+
+    A use of a parameter outside its layer's forward (e.g. ``F.linear(x, layer.weight)``) is invisible to layer
+    hooks and would silently drop gradient; autograd sees it.
+
+    Args:
+        params: the parameters to check (those with ``p.grad is None`` are skipped).
+        totals: per parameter, the engine's sum of per-sample gradients (absent: zero).
+        names: parameter names for the message.
+
+    Raises:
+        DPMisconfigurationError: if a sum is off by more than 5% of the gradient's norm.
+    """
+    for p in params:
+        if p.grad is None:
+            continue
+        ref = p.grad.float()
+        total = totals.get(p)
+        err = ref.norm() if total is None else (total - ref).norm()
+        if err > 0.05 * ref.norm() + 1e-6:
+            raise DPMisconfigurationError(
+                f"The per-sample gradients of '{names.get(p, '?')}' do not add up to its gradient"
+                f" (relative error {float(err / (ref.norm() + 1e-12)):.3g}). The parameter is used outside its"
+                " layer's forward (e.g. F.linear(x, layer.weight) or weight tying through a functional call),"
+                " which per-sample hooks cannot see. Call the layer itself, or register a rule for the module"
+                " that uses it."
+            )
+
+
+__all__ = [
+    "CLIP_EPS",
+    "BroadcastParameter",
+    "check_sums_against_autograd",
+    "in_backward",
+    "per_sample_broadcast",
+    "plan_layers",
+    "trainable_parameters",
+]
