@@ -276,6 +276,36 @@ class DPStrategy(DDPStrategy):
             plan[extra] = plan.get(extra, 0) + 1
         return plan
 
+    @property
+    def last_recorded_epoch(self) -> int:
+        """With ``poisson_sampling=False``: the last epoch whose release is in the ledger (-1 before any)."""
+        return self._last_recorded_epoch
+
+    def planned_segments(
+        self, start: int, count: int, last_recorded_epoch: int | None = None
+    ) -> list[MechanismSegment]:
+        """The ledger segments that private steps ``start .. start + count - 1`` will record, as the strategy records
+        them: with Poisson sampling one per step at the step's σ combined with the callbacks' declared releases;
+        shuffled, one per epoch not yet recorded (after ``last_recorded_epoch``, default the current one).
+
+        Use it to bound ε ahead of time: ``strategy.ledger.epsilon(delta, extra=strategy.planned_segments(k, n))``.
+        """
+        assert self._sample_rate is not None, "planned_segments is known once fit has prepared the data"
+        if self.poisson_sampling:
+            per_sigma: dict[float, int] = {}
+            for step in range(start, start + count):
+                sigma = self._step_noise_multiplier(step)
+                per_sigma[sigma] = per_sigma.get(sigma, 0) + 1
+            return [self._release_segment(s, n) for s, n in per_sigma.items()]
+        spe = self._steps_per_epoch or 1
+        recorded = self._last_recorded_epoch if last_recorded_epoch is None else last_recorded_epoch
+        epochs = sorted({s // spe for s in range(start, start + count)} - {recorded})
+        return [
+            self._release_segment(min(self._step_noise_multiplier(e * spe + k) for k in range(spe)), 1)
+            for e in epochs
+            if e > recorded
+        ]
+
     def _step_noise_multiplier(self, step: int) -> float:
         return combine_noise_multipliers(self._sigma_at(step), *self._extra_noise(step))
 
@@ -627,17 +657,7 @@ class DPStrategy(DDPStrategy):
         ahead = self.epsilon_refresh_steps or max(1, spe // 4)
         if self._planned_steps is not None:
             ahead = max(1, min(ahead, self._planned_steps - self._released_steps))
-        assert self._noise_multiplier is not None
-        if self.poisson_sampling:
-            combined: dict[float, int] = {}
-            for k in range(self._released_steps, self._released_steps + ahead):
-                sigma_k = self._step_noise_multiplier(k)
-                combined[sigma_k] = combined.get(sigma_k, 0) + 1
-            extra = [self._release_segment(s, n) for s, n in combined.items()]
-        else:
-            epochs_ahead = math.ceil((step + ahead - 1) / spe) - math.ceil(self._released_steps / spe)
-            sigma = min(self._step_noise_multiplier(self._released_steps + k) for k in range(ahead + spe))
-            extra = [self._release_segment(sigma, max(epochs_ahead, 0))]
+        extra = self.planned_segments(self._released_steps, ahead)
         value = self._ledger.epsilon(self.delta, extra=extra)
         self._eps_bound = (self._released_steps + ahead, value)
         return value

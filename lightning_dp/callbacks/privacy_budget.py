@@ -148,22 +148,7 @@ class PrivacyBudget(Callback):
 
         ``recorded``: in shuffle mode, the last epoch already in the ledger (default: the strategy's current one).
         """
-        q = strategy.sample_rate
-        assert q is not None
-        if strategy.poisson_sampling:
-            per_sigma: dict[float, int] = {}
-            for step in range(start, start + count):
-                sigma = strategy._step_noise_multiplier(step)
-                per_sigma[sigma] = per_sigma.get(sigma, 0) + 1
-            return [MechanismSegment(s, q, n) for s, n in per_sigma.items()]
-        # Shuffled batches: one record per epoch, at its first step, with the epoch's smallest multiplier.
-        spe = strategy._steps_per_epoch or 1
-        recorded = strategy._last_recorded_epoch if recorded is None else recorded
-        epochs = sorted({s // spe for s in range(start, start + count)} - {recorded})
-        return [
-            strategy._release_segment(min(strategy._step_noise_multiplier(e * spe + k) for k in range(spe)), 1)
-            for e in epochs
-        ]
+        return strategy.planned_segments(start, count, recorded)
 
     def _epsilon_after(self, strategy: DPStrategy, start: int, count: int) -> float:
         self.evaluations += 1
@@ -180,7 +165,7 @@ class PrivacyBudget(Callback):
             return False
         if step < self._safe_before:
             return True
-        self._base = (strategy.ledger.segments, step, strategy._last_recorded_epoch)
+        self._base = (strategy.ledger.segments, step, strategy.last_recorded_epoch)
         ahead = self.lookahead
         if strategy.planned_steps is not None:
             ahead = max(1, min(ahead, strategy.planned_steps - step))
