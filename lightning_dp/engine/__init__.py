@@ -5,6 +5,7 @@ from typing import Any
 from torch import nn
 
 from lightning_dp.engine.ghost import GhostEngine
+from lightning_dp.engine.base import ClippingEngine
 from lightning_dp.engine.hooks import HookEngine
 from lightning_dp.engine.rules import (
     GradSampleRule,
@@ -14,9 +15,8 @@ from lightning_dp.engine.rules import (
 )
 from lightning_dp.errors import DPMisconfigurationError
 
-#: Per-sample gradient engines by name. An engine takes ``(module, loss_reduction=...)`` and provides ``params``,
-#: ``attach()``, ``detach()``, ``capture(batch_size)`` (a context spanning one micro-batch's forward and backward),
-#: ``clip_and_accumulate(max_grad_norm) -> per-sample norms`` and ``pop_summed() -> {param: clipped sum}``.
+#: Per-sample clipping engines by name: subclasses of :class:`ClippingEngine`, built as ``cls(module,
+#: loss_reduction=...)``.
 #: ``"hooks"`` instantiates every per-sample gradient; ``"ghost"`` uses ghost norms and book-keeping (one backward pass,
 #: no per-sample weight gradients).
 ENGINES: dict[str, type] = {"hooks": HookEngine, "ghost": GhostEngine}
@@ -34,6 +34,7 @@ def build_engine(name: str, module: nn.Module, loss_reduction: str = "mean") -> 
 
 
 __all__ = [
+    "ClippingEngine",
     "ENGINES",
     "GhostEngine",
     "GradSampleRule",

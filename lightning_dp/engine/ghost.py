@@ -30,17 +30,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_dp.clipping import ClippingMode, clip_factors
+from lightning_dp.engine.base import ClippingEngine
 from lightning_dp.engine.layers import (
-    BroadcastParameter,
     check_sums_against_autograd,
-    full_precision_matmuls,
     in_backward,
     per_sample_broadcast,
     plan_layers,
-    trainable_parameters,
 )
 from lightning_dp.engine.rules import GradSampleRule, find_rule
 from lightning_dp.errors import DPMisconfigurationError, UnsupportedLayerError
@@ -123,7 +120,7 @@ def _ghost_sq_norms(a: Tensor, g: Tensor) -> Tensor:
     return (aa * gg).sum((1, 2))
 
 
-class GhostEngine:
+class GhostEngine(ClippingEngine):
     """Per-sample clipping by book-keeping: ghost norms, one backward pass, no per-sample weight gradients.
 
     Same interface as :class:`~lightning_dp.engine.HookEngine`; per physical micro-batch of ``b`` examples::
@@ -163,26 +160,11 @@ class GhostEngine:
     """
 
     def __init__(self, module: nn.Module, loss_reduction: Literal["mean", "sum"] = "mean") -> None:
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
-        self.module = module
-        self.loss_reduction = loss_reduction
-        self.params: list[nn.Parameter] = trainable_parameters(module)
-        self.param_names: dict[nn.Parameter, str] = {}
-        for name, p in module.named_parameters():
-            self.param_names.setdefault(p, name)
-        self._layers: list[_Layer] = []
-        self._broadcast: list[BroadcastParameter] = []
-        self._plan()
-        self._handles: list[RemovableHandle] = []
-        self._capturing = False
-        self._batch_size = 0
+        super().__init__(module, loss_reduction)
         self._records: dict[int, list[_Record]] = {}
         self._broadcast_grads: dict[nn.Parameter, Tensor] = {}
         self._switched_off: set[nn.Parameter] = set()
         self._anchor: Tensor | None = None
-        self._summed: dict[nn.Parameter, Tensor] = {}
-        self.check_against_autograd = True
         self.skip_param_grads = True
         self.last_methods: dict[str, str] = {}
 
@@ -224,12 +206,6 @@ class GhostEngine:
             return
         for index, layer in enumerate(self._layers):
             self._handles.append(layer.module.register_forward_hook(self._make_forward_hook(index, layer)))
-
-    def detach(self) -> None:
-        """Remove all hooks."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _make_forward_hook(self, index: int, layer: _Layer) -> Any:
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
@@ -313,9 +289,6 @@ class GhostEngine:
             self._anchor = None
 
     # ------------------------------------------------------------------ norms
-    def _scale(self) -> float:
-        return float(self._batch_size) if self.loss_reduction == "mean" else 1.0
-
     def _collect(self, layer: _Layer, records: list[_Record]) -> _Captured:
         """Bring a layer's calls into one ``(A, G)`` pair (calls concatenated along the sequence)."""
         mod = layer.module
@@ -416,24 +389,7 @@ class GhostEngine:
             out[bias] = torch.einsum("b,bp->p", factors, g.sum(1, dtype=torch.float32))
         return out
 
-    def _add(self, p: nn.Parameter, value: Tensor) -> None:
-        acc = self._summed.get(p)
-        self._summed[p] = value if acc is None else acc + value
-
     # ------------------------------------------------------------------ clipping
-    def clip_and_accumulate(
-        self, max_grad_norm: float, clipping: ClippingMode = "flat", stability: float = 0.01
-    ) -> Tensor:
-        """Compute per-sample norms, clip with ``clipping`` (see :mod:`lightning_dp.clipping`; the norm is over all
-        parameters) and add the clipped gradients to the running fp32 sum. Frees the stored activations and clears
-        ``p.grad``.
-
-        Returns:
-            The per-sample gradient norms before clipping, shape ``(b,)``, in fp32.
-        """
-        with full_precision_matmuls():
-            return self._clip_and_accumulate(max_grad_norm, clipping, stability)
-
     def _clip_and_accumulate(self, max_grad_norm: float, clipping: ClippingMode, stability: float) -> Tensor:
         b = self._batch_size
         scale = self._scale()
@@ -477,14 +433,6 @@ class GhostEngine:
         for p in self.params:
             p.grad = None
         return norms
-
-    def pop_summed(self) -> dict[nn.Parameter, Tensor]:
-        """The clipped sum over all micro-batches since the last call (fp32; zeros for parameters with no
-        gradient), and reset it.
-        """
-        out = {p: self._summed.get(p, torch.zeros_like(p, dtype=torch.float32)) for p in self.params}
-        self._summed = {}
-        return out
 
 
 __all__ = ["GhostEngine"]

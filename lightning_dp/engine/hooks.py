@@ -14,23 +14,20 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_dp.clipping import ClippingMode, clip_factors
+from lightning_dp.engine.base import ClippingEngine
 from lightning_dp.engine.layers import (
-    BroadcastParameter,
     check_sums_against_autograd,
-    full_precision_matmuls,
     in_backward,
     per_sample_broadcast,
     plan_layers,
-    trainable_parameters,
 )
 from lightning_dp.engine.rules import GradSampleRule, find_rule
 from lightning_dp.errors import DPMisconfigurationError, UnsupportedLayerError
 
 
-class HookEngine:
+class HookEngine(ClippingEngine):
     """Per-sample gradients by forward/backward hooks, then flat clipping and an fp32 clipped sum.
 
     Usage, per physical micro-batch of ``b`` examples::
@@ -53,23 +50,8 @@ class HookEngine:
     """
 
     def __init__(self, module: nn.Module, loss_reduction: Literal["mean", "sum"] = "mean") -> None:
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
-        self.module = module
-        self.loss_reduction = loss_reduction
-        self.params: list[nn.Parameter] = trainable_parameters(module)
-        self.param_names: dict[nn.Parameter, str] = {}
-        for name, p in module.named_parameters():
-            self.param_names.setdefault(p, name)
-        self._layers: list[tuple[str, nn.Module, GradSampleRule]] = []
-        self._broadcast: list[BroadcastParameter] = []
-        self._plan()
-        self._handles: list[RemovableHandle] = []
-        self._capturing = False
-        self._batch_size = 0
         self._grad_samples: dict[nn.Parameter, Tensor] = {}
-        self._summed: dict[nn.Parameter, Tensor] = {}
-        self.check_against_autograd = True
+        super().__init__(module, loss_reduction)
 
     # ------------------------------------------------------------------ planning
     def _plan(self) -> None:
@@ -88,12 +70,6 @@ class HookEngine:
             return
         for _, mod, rule in self._layers:
             self._handles.append(mod.register_forward_hook(self._make_forward_hook(rule)))
-
-    def detach(self) -> None:
-        """Remove all hooks."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _make_forward_hook(self, rule: GradSampleRule) -> Any:
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -157,9 +133,6 @@ class HookEngine:
             self._grad_samples.update(broadcast_grads)
 
     # ------------------------------------------------------------------ clipping
-    def _scale(self) -> float:
-        return float(self._batch_size) if self.loss_reduction == "mean" else 1.0
-
     def _check_against_autograd(self) -> None:
         """Compare Σ_i g_i with autograd's ``p.grad`` (see :func:`check_sums_against_autograd`)."""
         totals = {p: gs.sum(0) for p, gs in self._grad_samples.items()}
@@ -171,19 +144,6 @@ class HookEngine:
         """
         scale = self._scale()
         return {p: gs * scale for p, gs in self._grad_samples.items()}
-
-    def clip_and_accumulate(
-        self, max_grad_norm: float, clipping: ClippingMode = "flat", stability: float = 0.01
-    ) -> Tensor:
-        """Clip the captured per-sample gradients with ``clipping`` (see :mod:`lightning_dp.clipping`; the norm is
-        over all parameters) and add them to
-        the running clipped sum. Clears ``p.grad`` (it holds the non-private gradient of the micro-batch).
-
-        Returns:
-            The per-sample gradient norms before clipping, shape ``(b,)``, in fp32.
-        """
-        with full_precision_matmuls():
-            return self._clip_and_accumulate(max_grad_norm, clipping, stability)
 
     def _clip_and_accumulate(self, max_grad_norm: float, clipping: ClippingMode, stability: float) -> Tensor:
         scale = self._scale()
@@ -205,11 +165,3 @@ class HookEngine:
         for p in self.params:
             p.grad = None
         return norms
-
-    def pop_summed(self) -> dict[nn.Parameter, Tensor]:
-        """The clipped sum over all micro-batches since the last call (fp32; zeros for parameters with no
-        gradient), and reset it.
-        """
-        out = {p: self._summed.get(p, torch.zeros_like(p, dtype=torch.float32)) for p in self.params}
-        self._summed = {}
-        return out
