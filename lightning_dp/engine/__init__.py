@@ -4,8 +4,8 @@ from typing import Any
 
 from torch import nn
 
-from lightning_dp.engine.ghost import GhostEngine
 from lightning_dp.engine.base import ClippingEngine
+from lightning_dp.engine.ghost import GhostEngine
 from lightning_dp.engine.hooks import HookEngine
 from lightning_dp.engine.rules import (
     GradSampleRule,
