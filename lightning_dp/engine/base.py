@@ -56,6 +56,14 @@ class ClippingEngine:
     def _plan(self) -> None:
         raise NotImplementedError
 
+    def _begin_capture(self, batch_size: int) -> None:
+        """Start capturing a micro-batch of ``batch_size`` examples (not re-entrant)."""
+        if self._capturing:
+            raise RuntimeError(f"{type(self).__name__}.capture is not re-entrant.")
+        self._batch_size = batch_size
+        for p in self.params:  # p.grad may hold an earlier release; this micro-batch's autograd grad is checked
+            p.grad = None
+
     def detach(self) -> None:
         """Remove all hooks."""
         for h in self._handles:

@@ -123,14 +123,7 @@ def _ghost_sq_norms(a: Tensor, g: Tensor) -> Tensor:
 class GhostEngine(ClippingEngine):
     """Per-sample clipping by book-keeping: ghost norms, one backward pass, no per-sample weight gradients.
 
-    Same interface as :class:`~lightning_dp.engine.HookEngine`; per physical micro-batch of ``b`` examples::
-
-        with engine.capture(b):
-            loss = module.training_step(micro_batch)
-            loss.backward()
-        norms = engine.clip_and_accumulate(max_grad_norm)
-        ...
-        summed = engine.pop_summed()  # {param: Σ_i clip(g_i)} over all micro-batches
+    Used as described in :class:`~lightning_dp.engine.ClippingEngine`.
 
     Natively handled: ``nn.Linear`` (any input rank), ``nn.Conv2d`` (``groups=1``, zero padding; via unfold it is a
     linear map on ``(B, L, C·k·k)``), ``nn.Embedding``, LayerNorm (``nn`` and ``timm``) and ``timm`` LayerScale (whose
@@ -138,8 +131,9 @@ class GhostEngine(ClippingEngine):
     ``reg_token``, ``pos_embed``). Other layers with a rule in :mod:`lightning_dp.engine.rules` (ours or Opacus's)
     fall back to per-sample instantiation with that rule, announced once when the engine is built.
 
-    Under autocast, the activations of linear and convolution layers are kept in the autocast dtype (as autograd
-    would save them), the contractions run in that dtype, and norms and sums are accumulated in fp32.
+    Under autocast, the activations of linear and convolution layers are stored in the autocast dtype (as autograd
+    would save them); norms and clipped sums are computed from them in fp32 without TF32, so that rounding cannot
+    let a clipped example exceed C.
 
     Args:
         module: the model whose trainable parameters get clipped per sample.
@@ -265,13 +259,9 @@ class GhostEngine(ClippingEngine):
         Args:
             batch_size: the number of examples of the micro-batch.
         """
-        if self._capturing:
-            raise RuntimeError("GhostEngine.capture is not re-entrant.")
-        self._batch_size = batch_size
+        self._begin_capture(batch_size)
         self._records = {}
         self._broadcast_grads = {}
-        for p in self.params:  # p.grad may hold an earlier release
-            p.grad = None
         if self.skip_param_grads and not self.check_against_autograd:
             self._switched_off = {p for p in self.params if p.requires_grad}
             self._anchor = torch.zeros((), device=self.params[0].device, requires_grad=True)

@@ -28,16 +28,9 @@ from lightning_dp.errors import DPMisconfigurationError, UnsupportedLayerError
 
 
 class HookEngine(ClippingEngine):
-    """Per-sample gradients by forward/backward hooks, then flat clipping and an fp32 clipped sum.
-
-    Usage, per physical micro-batch of ``b`` examples::
-
-        with engine.capture(b):
-            loss = module.training_step(micro_batch)
-            loss.backward()
-        norms = engine.clip_and_accumulate(max_grad_norm)
-        ...
-        summed = engine.pop_summed()  # {param: Σ_i clip(g_i)} over all micro-batches
+    """Materialised per-sample gradients (like Opacus hooks): each hooked layer's rule turns its activations and
+    output gradients into per-sample gradients in fp32, which are clipped and summed. Used as described in
+    :class:`~lightning_dp.engine.ClippingEngine`; also exposes :meth:`per_sample_gradients`.
 
     Args:
         module: the model whose trainable parameters get per-sample gradients.
@@ -117,12 +110,8 @@ class HookEngine(ClippingEngine):
         Args:
             batch_size: the number of examples of the micro-batch.
         """
-        if self._capturing:
-            raise RuntimeError("HookEngine.capture is not re-entrant.")
-        self._batch_size = batch_size
+        self._begin_capture(batch_size)
         self._grad_samples = {}
-        for p in self.params:  # p.grad may hold an earlier release; this micro-batch's autograd grad is checked
-            p.grad = None
         broadcast_grads: dict[nn.Parameter, Tensor] = {}
         self._capturing = True
         try:
