@@ -24,7 +24,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, Strategy
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
@@ -361,9 +361,20 @@ class DPStrategy(DDPStrategy):
             _sync_module_states(self.model)
 
     def setup(self, trainer: pl.Trainer) -> None:
-        """Validate the run, build the per-sample gradient engine, then set up as Lightning does."""
+        """Validate the run, build the per-sample gradient engine, then set up as Lightning does. Validation, test
+        and predict only move the model to its device (nothing private is released there).
+        """
         module = self.lightning_module
         assert module is not None
+        if trainer.state.fn != TrainerFn.FITTING:
+            assert self.accelerator is not None
+            self.accelerator.setup(trainer)
+            self.precision_plugin.convert_module(self.model)
+            self.model_to_device()
+            if _distributed_is_initialized() and self.world_size > 1:
+                _sync_module_states(self.model)
+            self.setup_precision_plugin()
+            return
         validate_trainer(trainer, self.precision_plugin.precision)
         validate_module(module)
         self._engine = build_engine(self.engine_name, module, loss_reduction=self.loss_reduction)

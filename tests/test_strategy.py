@@ -186,3 +186,19 @@ def test_joint_releases_are_accounted_as_one_gaussian_per_step():
     plain = DPStrategy(target_epsilon=2.0)
     trainer(plain, max_epochs=2).fit(ClassifierModule(mlp()), loader(tensor_data(), 20))
     assert s.noise_multiplier > plain.noise_multiplier  # the diagnostics' privacy cost is paid by σ
+
+
+def test_validate_and_test_after_fit_on_the_same_trainer():
+    class WithTest(ClassifierModule):
+        def test_step(self, batch, batch_idx):
+            self.log("test_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    s = DPStrategy(noise_multiplier=1.0)
+    t = trainer(s, max_steps=3)
+    model = WithTest(mlp())
+    t.fit(model, loader(tensor_data(), 20))
+    assert "test_loss" in t.test(model, DataLoader(tensor_data(), batch_size=50), verbose=False)[0]
+    assert "val_loss" in t.validate(model, DataLoader(tensor_data(), batch_size=50), verbose=False)[0]
+    assert s.ledger.steps == 3  # evaluation releases nothing
+    frozen = WithTest(mlp().requires_grad_(False))  # evaluating a frozen model is not an error
+    trainer(DPStrategy(noise_multiplier=1.0)).test(frozen, DataLoader(tensor_data(), batch_size=50), verbose=False)
