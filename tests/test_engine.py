@@ -188,3 +188,28 @@ def test_gradient_checkpointing_detected_at_runtime():
     with pytest.raises(DPMisconfigurationError, match="checkpointing"):
         with engine.capture(2):
             model(torch.randn(2, 4, requires_grad=True)).sum().backward()
+
+
+@pytest.mark.parametrize("engine_name", ["hooks", "ghost"])
+def test_convnext_film_parameters_match_brute_force(engine_name):
+    """timm ConvNeXt with FiLM selection: LayerNorm2d (channels of NCHW) and the head's norm and linear layer."""
+    import timm
+
+    from lightning_dp.engine import ENGINES
+    from lightning_dp.finetune import select_parameters
+
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=3).eval()
+    select_parameters(model, "norm+head")
+    x, y = torch.randn(3, 3, 32, 32), torch.randint(0, 3, (3,))
+    ref = brute_force_grads(model, x, y)
+    engine = ENGINES[engine_name](model)
+    engine.attach()
+    with engine.capture(3):
+        nn.functional.cross_entropy(model(x), y).backward()
+    norms = engine.clip_and_accumulate(1e9)  # no clipping: the sum is the plain sum of per-sample gradients
+    ref_norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in ref.values()))
+    assert torch.allclose(norms, ref_norms, rtol=1e-4)
+    summed = engine.pop_summed()
+    for p, g in ref.items():
+        assert _rel_err(summed[p], g.sum(0)) < 1e-4

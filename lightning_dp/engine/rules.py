@@ -88,6 +88,18 @@ def layer_norm_rule(layer: nn.Module, activations: list[Tensor], backprops: Tens
     return ret
 
 
+def layer_norm_2d_rule(layer: nn.Module, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
+    """Per-sample gradients of ``timm.layers.LayerNorm2d`` (LayerNorm over the channels of an NCHW tensor)."""
+    x = activations[0]
+    ret: dict[nn.Parameter, Tensor] = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        normed = F.layer_norm(x.permute(0, 2, 3, 1), layer.normalized_shape, eps=layer.eps).permute(0, 3, 1, 2)
+        ret[layer.weight] = (normed * backprops).sum((2, 3))
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = backprops.sum((2, 3))
+    return ret
+
+
 def layer_scale_rule(layer: nn.Module, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
     """Per-sample gradient of ``timm.layers.LayerScale``'s ``gamma`` (``y = x * gamma`` over the last dim)."""
     if getattr(layer, "inplace", False):
@@ -112,6 +124,7 @@ def _register_timm() -> None:
     # timm's LayerNorm subclasses only add a fast-norm switch: same math as F.layer_norm.
     register_grad_sampler(tl.LayerNorm)(layer_norm_rule)
     register_grad_sampler(tl.LayerScale)(layer_scale_rule)
+    register_grad_sampler(tl.LayerNorm2d)(layer_norm_2d_rule)
     register_broadcast_parameters(tvit.VisionTransformer, "cls_token", "reg_token", "pos_embed", "dist_token")
     pool = getattr(tl, "AttentionPoolLatent", None)
     if pool is not None:
