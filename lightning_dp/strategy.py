@@ -170,6 +170,9 @@ class DPStrategy(DDPStrategy):
         self._noise_generator: torch.Generator | None = None
         self._eps_bound: tuple[int, float] = (-1, 0.0)
         self._last_norms: Tensor | None = None
+        #: per parameter, a 0/1 mask of the coordinates per-sample clipping sees (set by sparse fine-tuning; apply
+        #: with ``refresh_trainable()``)
+        self.grad_masks: dict[torch.nn.Parameter, Tensor] = {}
 
     # ------------------------------------------------------------------ public state
     @property
@@ -205,6 +208,7 @@ class DPStrategy(DDPStrategy):
         if self._engine is not None:
             self._engine.detach()
         self._engine = build_engine(self.engine_name, module, loss_reduction=self.loss_reduction)
+        self._engine.set_grad_masks(self.grad_masks)
         self._engine.attach()
         for p in module.parameters():
             if not p.requires_grad:
@@ -378,6 +382,7 @@ class DPStrategy(DDPStrategy):
         validate_trainer(trainer, self.precision_plugin.precision)
         validate_module(module)
         self._engine = build_engine(self.engine_name, module, loss_reduction=self.loss_reduction)
+        self._engine.set_grad_masks(self.grad_masks)
         super().setup(trainer)
         validate_optimizers(self.optimizers)
         if len(self.optimizers) != 1:

@@ -51,10 +51,27 @@ class ClippingEngine:
         self._batch_size = 0
         self._summed: dict[nn.Parameter, Tensor] = {}
         self.check_against_autograd = True
+        self.grad_masks: dict[nn.Parameter, Tensor] = {}
         self._plan()
 
     def _plan(self) -> None:
         raise NotImplementedError
+
+    def set_grad_masks(self, masks: dict[nn.Parameter, Tensor]) -> None:
+        """Restrict per-sample gradients to masked coordinates *before* norms and clipping (e.g. the rows kept by
+        sparse fine-tuning), so the clipping budget is spent on the coordinates that are trained.
+
+        Args:
+            masks: per parameter, a 0/1 tensor broadcastable to its shape; parameters not trained are ignored.
+        """
+        trainable = set(self.params)
+        self.grad_masks = {p: m for p, m in masks.items() if p in trainable}
+
+    def _apply_masks(self, per_sample: dict[nn.Parameter, Tensor]) -> None:
+        for p, gs in per_sample.items():
+            mask = self.grad_masks.get(p)
+            if mask is not None:
+                per_sample[p] = gs * mask.to(gs.device, gs.dtype).unsqueeze(0)
 
     def _begin_capture(self, batch_size: int) -> None:
         """Start capturing a micro-batch of ``batch_size`` examples (not re-entrant)."""

@@ -193,6 +193,15 @@ class GhostEngine(ClippingEngine):
         """Names of the hooked layers (for diagnostics)."""
         return [layer.name for layer in self._layers]
 
+    def set_grad_masks(self, masks: dict[nn.Parameter, Tensor]) -> None:
+        """As :meth:`ClippingEngine.set_grad_masks`; layers owning a masked parameter switch to per-sample
+        instantiation (a ghost norm cannot drop coordinates).
+        """
+        super().set_grad_masks(masks)
+        for layer in self._layers:
+            if any(p in self.grad_masks for p in layer.module._parameters.values() if p is not None):
+                layer.instantiate = True
+
     # ------------------------------------------------------------------ hooks
     def attach(self) -> None:
         """Register the forward hooks (idempotent)."""
@@ -404,8 +413,6 @@ class GhostEngine(ClippingEngine):
                 captured.append(c)
         self._records = {}
         self._broadcast_grads = {}
-        for gs in per_sample.values():
-            sq += gs.reshape(b, -1).pow(2).sum(1)
         if self.check_against_autograd:
             ones = torch.ones(b, device=device, dtype=torch.float32)
             totals = {p: gs.sum(0) for p, gs in per_sample.items()}
@@ -413,6 +420,9 @@ class GhostEngine(ClippingEngine):
                 totals.update(self._ghost_sums(c, ones))
             check_sums_against_autograd(self.params, totals, self.param_names)
             self.check_against_autograd = False  # once per run: it costs autograd's weight gradients once
+        self._apply_masks(per_sample)
+        for gs in per_sample.values():
+            sq += gs.reshape(b, -1).pow(2).sum(1)
         norms = (sq * scale**2).sqrt()
         factors = clip_factors(norms, max_grad_norm, clipping, stability) * scale
         for c in captured:

@@ -139,6 +139,7 @@ class HookEngine(ClippingEngine):
         if self.check_against_autograd:
             self._check_against_autograd()
             self.check_against_autograd = False  # once per run: it costs an extra pass over per-sample gradients
+        self._apply_masks(self._grad_samples)
         b = self._batch_size
         device = self.params[0].device
         sq = torch.zeros(b, device=device, dtype=torch.float32)

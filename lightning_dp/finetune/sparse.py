@@ -98,6 +98,13 @@ class SparseFineTuning(pl.Callback):
             total = sum(m.numel() for m in self.masks.values())
             rank_zero_info(f"SPARTA: training {kept} of {total} rows of {len(self.masks)} tensors, and the head")
         self.phase = phase
+        if phase == "sparse":  # clip per sample over the kept rows only, as SPARTA does
+            trainer.strategy.grad_masks = {
+                params[n]: m.to(params[n].device).view(-1, *([1] * (params[n].ndim - 1))).float()
+                for n, m in self.masks.items()
+            }
+        else:
+            trainer.strategy.grad_masks = {}
         trainer.strategy.refresh_trainable()
 
     def _select(self) -> None:
