@@ -147,7 +147,10 @@ def test_unsupported_layer_is_named():
     HookEngine(model)
 
 
-def test_functional_use_of_weight_is_detected():
+@pytest.mark.parametrize("engine_name", ["hooks", "ghost"])
+def test_functional_use_of_weight_is_detected(engine_name):
+    from lightning_dp.engine import ENGINES
+
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
@@ -157,7 +160,7 @@ def test_functional_use_of_weight_is_detected():
             return nn.functional.linear(self.fc(x), self.fc.weight)
 
     model = Tied()
-    engine = HookEngine(model)
+    engine = ENGINES[engine_name](model)
     engine.attach()
     with engine.capture(3):
         model(torch.randn(3, 4)).sum().backward()

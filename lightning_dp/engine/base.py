@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dp.clipping import ClippingMode
-from lightning_dp.engine.layers import BroadcastParameter, full_precision_matmuls, trainable_parameters
+from lightning_dp.engine.layers import BroadcastParameter, full_precision_matmuls, in_backward, trainable_parameters
+from lightning_dp.errors import DPMisconfigurationError, UnsupportedLayerError
 
 
 class ClippingEngine:
@@ -72,6 +73,28 @@ class ClippingEngine:
             mask = self.grad_masks.get(p)
             if mask is not None:
                 per_sample[p] = gs * mask.to(gs.device, gs.dtype).unsqueeze(0)
+
+    def _should_capture(self, mod: nn.Module, output: Any) -> bool:
+        """In a layer's forward hook: whether to record this call (capturing, with grad enabled).
+
+        Raises:
+            DPMisconfigurationError: if the forward runs during backward (activation recomputation).
+            UnsupportedLayerError: if the layer's output is not a single tensor.
+        """
+        if not self._capturing or not torch.is_grad_enabled():
+            return False
+        if in_backward():
+            raise DPMisconfigurationError(
+                f"Layer {type(mod).__name__} ran its forward during backward: gradient checkpointing (activation"
+                " recomputation) is not compatible with per-sample gradient hooks. Disable it, e.g."
+                " `model.set_grad_checkpointing(False)` for timm models."
+            )
+        if not isinstance(output, Tensor):
+            raise UnsupportedLayerError(
+                f"Layer {type(mod).__name__} returned {type(output).__name__}, not a tensor; its per-sample rule"
+                " needs a single tensor output."
+            )
+        return True
 
     def _begin_capture(self, batch_size: int) -> None:
         """Start capturing a micro-batch of ``batch_size`` examples (not re-entrant)."""

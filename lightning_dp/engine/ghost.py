@@ -35,12 +35,11 @@ from lightning_dp.clipping import ClippingMode, clip_factors
 from lightning_dp.engine.base import ClippingEngine
 from lightning_dp.engine.layers import (
     check_sums_against_autograd,
-    in_backward,
     per_sample_broadcast,
     plan_layers,
 )
 from lightning_dp.engine.rules import GradSampleRule, find_rule
-from lightning_dp.errors import DPMisconfigurationError, UnsupportedLayerError
+from lightning_dp.errors import DPMisconfigurationError
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -212,19 +211,8 @@ class GhostEngine(ClippingEngine):
 
     def _make_forward_hook(self, index: int, layer: _Layer) -> Any:
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
-            if not self._capturing or not torch.is_grad_enabled():
+            if not self._should_capture(mod, output):
                 return None
-            if in_backward():
-                raise DPMisconfigurationError(
-                    f"Layer {type(mod).__name__} ran its forward during backward: gradient checkpointing (activation"
-                    " recomputation) is not compatible with per-sample gradient hooks. Disable it, e.g."
-                    " `model.set_grad_checkpointing(False)` for timm models."
-                )
-            if not isinstance(output, Tensor):
-                raise UnsupportedLayerError(
-                    f"Layer {type(mod).__name__} returned {type(output).__name__}, not a tensor; its per-sample rule"
-                    " needs a single tensor output."
-                )
             replaced = None
             if not output.requires_grad:
                 if not any(p in self._switched_off for p in mod._parameters.values() if p is not None):

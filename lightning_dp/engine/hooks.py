@@ -19,12 +19,11 @@ from lightning_dp.clipping import ClippingMode, clip_factors
 from lightning_dp.engine.base import ClippingEngine
 from lightning_dp.engine.layers import (
     check_sums_against_autograd,
-    in_backward,
     per_sample_broadcast,
     plan_layers,
 )
 from lightning_dp.engine.rules import GradSampleRule, find_rule
-from lightning_dp.errors import DPMisconfigurationError, UnsupportedLayerError
+from lightning_dp.errors import DPMisconfigurationError
 
 
 class HookEngine(ClippingEngine):
@@ -66,19 +65,8 @@ class HookEngine(ClippingEngine):
 
     def _make_forward_hook(self, rule: GradSampleRule) -> Any:
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            if not self._capturing or not torch.is_grad_enabled():
+            if not self._should_capture(mod, output):
                 return
-            if in_backward():
-                raise DPMisconfigurationError(
-                    f"Layer {type(mod).__name__} ran its forward during backward: gradient checkpointing (activation"
-                    " recomputation) is not compatible with per-sample gradient hooks. Disable it, e.g."
-                    " `model.set_grad_checkpointing(False)` for timm models."
-                )
-            if not isinstance(output, Tensor):
-                raise UnsupportedLayerError(
-                    f"Layer {type(mod).__name__} returned {type(output).__name__}, not a tensor; its per-sample rule"
-                    " needs a single tensor output."
-                )
             if not output.requires_grad:
                 return
             activations = [x.detach() if isinstance(x, Tensor) else x for x in inputs]
