@@ -2,7 +2,9 @@
 
 Opacus has a Poisson sampler, but its distributed variant skips empty local batches (ranks then hang on
 collectives) and draws the same mask on every rank when the global RNG is seeded alike. These samplers always
-yield a batch (possibly empty) on every rank and step, and use their own per-rank generators.
+yield a batch (possibly empty) on every rank and step, and draw each step's mask from that step's own random source
+(:mod:`lightning_dp.randomness`): fresh OS entropy per fit by default, so a resumed run never replays the batches of
+earlier steps.
 """
 
 from __future__ import annotations
@@ -15,17 +17,50 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from lightning_dp.randomness import RandomSource, fresh_seed, stream_source
 
-def _new_seed() -> int:
-    # Drawn from torch's global RNG, so ``seed_everything`` makes the sampling reproducible.
-    return int(torch.randint(0, 2**62, (1,)).item())
+#: ``(step, rank) -> RandomSource``: the sampling randomness of one step.
+SourceOf = Callable[[int, int], RandomSource]
 
 
-class PoissonBatchSampler(Sampler[list[int]]):
+def _default_sources(seed: int | None) -> SourceOf:
+    root = fresh_seed() if seed is None else int(seed)
+    return lambda step, rank: stream_source(root, "sampling", step, rank)
+
+
+class _StepSampler(Sampler[list[int]]):
+    """Shared by the samplers: where each yielded batch's global step index comes from.
+
+    ``position()`` is read when an iteration starts: the number of steps taken so far (the strategy passes its
+    count of released steps, which a resume restores before any batch is drawn). Without it the sampler counts the
+    batches it has yielded itself, so its epochs differ and never repeat.
+    """
+
+    def __init__(self, source_of: SourceOf, position: Callable[[], int] | None) -> None:
+        self._source_of = source_of
+        self._position = position
+        self._yielded = 0
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Record the epoch (called by Lightning); batches are keyed by global step, not by epoch."""
+        self.epoch = epoch
+
+    def _start(self) -> int:
+        return self._position() if self._position is not None else self._yielded
+
+    def _steps(self, count: int) -> Iterator[int]:
+        start = self._start()
+        for step in range(start, start + count):
+            self._yielded = step + 1
+            yield step
+
+
+class PoissonBatchSampler(_StepSampler):
     """Yields Poisson-subsampled batches: each example is included in each step independently with probability q.
 
     Under DDP, the dataset is split into ``num_replicas`` disjoint shards (``rank::num_replicas``) and each rank
-    draws its shard's inclusion mask with its own generator, so across all ranks every example of the dataset is
+    draws its shard's inclusion mask from its own random source, so across all ranks every example of the dataset is
     included independently with probability ``sample_rate``; the global batch size is ``Binomial(N, q)``.
 
     Args:
@@ -34,7 +69,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
         steps_per_epoch: how many batches one epoch yields (empty batches included).
         num_replicas: number of ranks sharing the dataset.
         rank: this rank.
-        seed: the sampling seed (all ranks must use the same one); default drawn from torch's global RNG.
+        seed: a fixed sampling seed (tests only: anyone who knows it can rebuild the batches); default: fresh OS
+            entropy. Ignored when ``source_of`` is given.
+        source_of: ``(step, rank) -> RandomSource`` (the strategy passes its run's streams).
+        position: the global index of the next step, read when an iteration starts.
 
     Example:
         >>> sampler = PoissonBatchSampler(num_samples=1000, sample_rate=0.064, steps_per_epoch=16)
@@ -50,6 +88,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
         seed: int | None = None,
+        source_of: SourceOf | None = None,
+        position: Callable[[], int] | None = None,
     ) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
@@ -57,75 +97,71 @@ class PoissonBatchSampler(Sampler[list[int]]):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}.")
         if not (0 <= rank < num_replicas):
             raise ValueError(f"rank {rank} is out of range for {num_replicas} replicas.")
+        super().__init__(source_of or _default_sources(seed), position)
         self.num_samples = num_samples
         self.sample_rate = sample_rate
         self.steps_per_epoch = int(steps_per_epoch)
         self.num_replicas = num_replicas
         self.rank = rank
-        self.seed = _new_seed() if seed is None else int(seed)
-        self.epoch = 0
-        self._iterations = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch, so that each epoch draws fresh batches (called by Lightning)."""
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self._iterations = 0
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator()
-        generator.manual_seed(hash((self.seed, self.rank, self.epoch, self._iterations)) & (2**62 - 1))
-        self._iterations += 1
         shard = torch.arange(self.rank, self.num_samples, self.num_replicas)
-        for _ in range(self.steps_per_epoch):
-            mask = torch.rand(len(shard), generator=generator) < self.sample_rate
+        for step in self._steps(self.steps_per_epoch):
+            mask = self._source_of(step, self.rank).uniform(len(shard)) < self.sample_rate
             yield shard[mask].tolist()
 
 
-class ShuffleBatchSampler(Sampler[list[int]]):
-    """Fixed-size batches of a random permutation (each example once per epoch). Used only on explicit opt-out.
+class ShuffleBatchSampler(_StepSampler):
+    """Fixed-size batches of a random permutation (each example once per pass). Used only on explicit opt-out.
 
-    This is *not* Poisson sampling: the accountant then claims no amplification by subsampling.
+    This is *not* Poisson sampling: the accountant then claims no amplification by subsampling. Every iteration is
+    a new *pass* over a fresh permutation; :attr:`passes` counts them and :attr:`pass_start` is the global step of
+    the current pass's first batch (a resumed run starts a new pass, which the ledger charges again).
 
     Args:
         num_samples: N, the size of the dataset.
         batch_size: the per-rank batch size.
         num_replicas: number of ranks sharing the dataset.
         rank: this rank.
-        seed: the shuffling seed (the same on all ranks).
+        seed: a fixed shuffling seed (tests only); default: fresh OS entropy. Ignored when ``source_of`` is given.
+        source_of: ``(step, rank) -> RandomSource``; the permutation of a pass comes from its first step's source
+            on rank 0 (the same on every rank).
+        position: the global index of the next step, read when an iteration starts.
     """
 
     def __init__(
-        self, num_samples: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int | None = None
+        self,
+        num_samples: int,
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int | None = None,
+        source_of: SourceOf | None = None,
+        position: Callable[[], int] | None = None,
     ) -> None:
+        super().__init__(source_of or _default_sources(seed), position)
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.num_replicas = num_replicas
         self.rank = rank
-        self.seed = _new_seed() if seed is None else int(seed)
-        self.epoch = 0
-        self._iterations = 0
+        #: number of passes started, and the global step of the current pass's first batch
+        self.passes = 0
+        self.pass_start = -1
         # Every rank yields the same number of batches, so no rank waits on a collective that never comes.
-        self._steps = math.ceil(math.ceil(num_samples / num_replicas) / batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch, so that each epoch draws a fresh permutation (called by Lightning)."""
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self._iterations = 0
+        self._steps_per_pass = math.ceil(math.ceil(num_samples / num_replicas) / batch_size)
 
     def __len__(self) -> int:
-        return self._steps
+        return self._steps_per_pass
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator()
-        generator.manual_seed(hash((self.seed, self.epoch, self._iterations)) & (2**62 - 1))
-        self._iterations += 1
-        perm = torch.randperm(self.num_samples, generator=generator)[self.rank :: self.num_replicas].tolist()
-        for i in range(self._steps):
+        start = self._start()
+        perm = self._source_of(start, 0).permutation(self.num_samples)[self.rank :: self.num_replicas].tolist()
+        self.passes += 1
+        self.pass_start = start
+        for i, _ in enumerate(self._steps(self._steps_per_pass)):
             yield perm[i * self.batch_size : (i + 1) * self.batch_size]
 
 

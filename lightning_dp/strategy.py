@@ -1,15 +1,19 @@
 """``DPStrategy``: differentially private training (DP-SGD / DP-Adam) of any LightningModule.
 
-Only the Lightning glue lives here; the math is in :mod:`lightning_dp.engine` (per-sample clipping),
-:mod:`lightning_dp.noise` (noise), :mod:`lightning_dp.sampling` (Poisson batches) and
-:mod:`lightning_dp.accounting` (ε). Per logical step the data flows: Poisson batch → physical micro-batches →
-the user's ``training_step`` and backward per micro-batch → per-sample norms, clip factors, clipped sum →
-(all-reduce under DDP) → one Gaussian draw → ``p.grad`` → the user's optimizer → ledger.
+Only Lightning glue lives here. The privacy core is Lightning-free: :mod:`lightning_dp.plan` (q, planned steps, σ
+schedule, calibration, ledger), :mod:`lightning_dp.batch_selection` (samplers and the ledger event each implies),
+:mod:`lightning_dp.budget` (budget guard, ε meter), :mod:`lightning_dp.journal` (executed steps on disk),
+:mod:`lightning_dp.randomness` (seeds), :mod:`lightning_dp.noise` (noise) and :mod:`lightning_dp.engine` (per-sample
+clipping). One logical step runs as named stages::
+
+    micro-batches → clip (engine) → reduce + noise (one flat buffer) → record (ledger, journal) → write gradients
+
+and the user's optimizer then steps once on the private gradient.
 """
 
 from __future__ import annotations
 
-import math
+import os
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Literal
@@ -24,27 +28,29 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
+from typing_extensions import override
 
-from lightning_dp.accounting import (
-    MechanismSegment,
-    PrivacyLedger,
-    calibrate_noise_multiplier,
-    combine_noise_multipliers,
-)
+from lightning_dp.accounting import MechanismSegment, PrivacyLedger
+from lightning_dp.budget import EpsilonMeter
+from lightning_dp.checkpointing import RunState, restore_run
 from lightning_dp.clipping import CLIPPING_MODES, ClippingMode, sensitivity
 from lightning_dp.engine import build_engine
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError
 from lightning_dp.noise import privatize
-from lightning_dp.sampling import EmptyBatchCollate, PoissonBatchSampler, ShuffleBatchSampler, split_batch
-from lightning_dp.validation import validate_module, validate_optimizers, validate_trainer
+from lightning_dp.plan import DEFAULT_DELTA, PrivacyPlan, planned_total_steps, selection_for
+from lightning_dp.probe import find_sample_mixing
+from lightning_dp.protocols import ReleasesNoise, SplitsBudget
+from lightning_dp.randomness import RandomSource, RandomStreams
+from lightning_dp.sampling import EmptyBatchCollate, split_batch
+from lightning_dp.validation import validate_module, validate_optimizers, validate_trainer, validate_value
 
 _STATE_KEY = "lightning_dp"
-_DEFAULT_DELTA = 1e-5
 
 
 class DPStrategy(DDPStrategy):
@@ -55,9 +61,16 @@ class DPStrategy(DDPStrategy):
     ``max_grad_norm`` (C), sums, adds N(0, σ²C²) once, divides by B and hands the result to the module's own
     optimizer (SGD → DP-SGD, Adam → DP-Adam). Epochs have ⌈N/B⌉ steps.
 
+    The strategy enforces the guarantee on every path a run takes: noise and batches are drawn from fresh OS entropy
+    per fit (never repeated after a resume, never stored), every executed step is journaled on disk before its
+    update is applied, a resume that would drop executed steps from ε is refused, ``target_epsilon`` is a hard
+    budget across fits and resumes, parameters unfrozen mid-run are clipped too, a forward that mixes examples is
+    detected at the first step, and a non-finite example contributes nothing.
+
     Args:
         target_epsilon: the ε the whole run may spend; σ is calibrated for the planned steps (``max_steps`` or
-            ``max_epochs``) with the PRV accountant. Exactly one of ``target_epsilon`` and ``noise_multiplier``.
+            ``max_epochs``) with the PRV accountant, and no step is taken that would exceed it. Exactly one of
+            ``target_epsilon`` and ``noise_multiplier``.
         target_delta: δ; default 1e-5 (must be below 1/N).
         noise_multiplier: σ, the noise std relative to C; ε is then reported as it grows.
         max_grad_norm: C, the per-sample L2 clipping bound.
@@ -66,20 +79,30 @@ class DPStrategy(DDPStrategy):
         poisson_sampling: ``False`` opts out to shuffled fixed-size batches; ε is then computed *without*
             amplification by subsampling (much larger), and a warning says so.
         loss_reduction: ``"mean"`` if ``training_step`` returns the mean of per-sample losses, ``"sum"`` if the sum.
-        log_clip_fraction: log ``dp/clip_fraction``, the share of clipped examples. It is computed from private
-            data without noise: a non-private diagnostic, outside the DP guarantee.
-        epsilon_refresh_steps: ``dp/epsilon`` is logged every step as an upper bound valid for the next this-many
-            steps (one PRV evaluation takes seconds). Default: a quarter epoch.
-        sampling_seed: seed of the Poisson sampler (default: drawn from torch's global RNG).
+        log_clip_fraction: log ``nonprivate/step_clip_fraction``, the share of clipped examples — a non-private
+            diagnostic computed from private data without noise (announced when a logger records it).
+        epsilon_refresh_steps: recompute ``dp/epsilon`` at least every this many steps. By default it is refreshed
+            as often as a 1 % share of the run's time allows, always as an upper bound.
+        sampling_seed: fix the sampling randomness (reproducible tests only: the guarantee then rests on the seed
+            staying secret; a warning says so). Default: fresh OS entropy per fit.
+        noise_seed: fix the noise randomness (reproducible tests only, as ``sampling_seed``).
+        secure_mode: draw noise and sampling from the OS's cryptographically secure generator (slower; see README).
         engine: the per-sample clipping engine, a name in ``lightning_dp.engine.ENGINES``: ``"ghost"`` (default:
-            book-keeping with ghost norms, one backward pass, no per-sample weight gradients) or ``"hooks"``
-            (materialises per-sample gradients, like Opacus hooks).
-        clipping: ``"flat"`` (g·min(1, C/‖g‖)), ``"normalized"`` (g·min(1/C, 1/‖g‖), sensitivity 1: a flat learning
-            rate η maps to η·C) or ``"automatic"`` (AUTO-S, C·g/(‖g‖+0.01)); see :mod:`lightning_dp.clipping`.
-            The noise is σ × the rule's sensitivity, so the accounting is the same.
+            book-keeping with ghost norms) or ``"hooks"`` (materialises per-sample gradients, like Opacus hooks).
+        clipping: ``"flat"``, ``"normalized"`` or ``"automatic"``; see :mod:`lightning_dp.clipping`. The noise is
+            σ × the rule's sensitivity, so the accounting is the same.
+        check_sample_mixing: at the first step (and whenever the trainable set changes) check that no example's
+            gradient depends on another example's input; a mixing forward is an error.
+        nonfinite: ``"skip"``: an example whose per-sample gradient is NaN/inf contributes zero (the bound still
+            holds) and a warning counts them; ``"error"``: raise instead.
+        journal_dir: where the privacy journal is written (default: ``<default_root_dir>/dp_journal``).
+        resume_policy: ``"strict"`` (default) refuses to resume from a checkpoint older than the last executed step
+            (a fork) or without its journal; ``"account_forks"`` resumes a fork and keeps every executed step in the
+            ledger; ``"trust_checkpoint"`` accepts a checkpoint whose journal is gone (you assert that no step was
+            taken after it).
 
     Raises:
-        DPMisconfigurationError: for inconsistent arguments (both or neither of target/noise, C ≤ 0, ...).
+        DPMisconfigurationError: for inconsistent or non-finite arguments.
 
     Example:
         >>> trainer = L.Trainer(  # doctest: +SKIP
@@ -102,8 +125,14 @@ class DPStrategy(DDPStrategy):
         log_clip_fraction: bool = True,
         epsilon_refresh_steps: int | None = None,
         sampling_seed: int | None = None,
+        noise_seed: int | None = None,
+        secure_mode: bool = False,
         engine: str = "ghost",
         clipping: ClippingMode = "flat",
+        check_sample_mixing: bool = True,
+        nonfinite: Literal["skip", "error"] = "skip",
+        journal_dir: _PATH | None = None,
+        resume_policy: Literal["strict", "account_forks", "trust_checkpoint"] = "strict",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -112,6 +141,7 @@ class DPStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
+        self._trainer_bound = False
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -122,24 +152,21 @@ class DPStrategy(DDPStrategy):
             timeout=timeout,
             start_method="popen",
         )
-        if (target_epsilon is None) == (noise_multiplier is None):
-            raise DPMisconfigurationError(
-                "Give exactly one of target_epsilon (σ is then calibrated for the run) and noise_multiplier (ε is"
-                f" then reported as it grows); got target_epsilon={target_epsilon},"
-                f" noise_multiplier={noise_multiplier}."
-            )
-        if target_epsilon is not None and not target_epsilon > 0:
-            raise PrivacyTargetError(f"target_epsilon must be positive, got {target_epsilon}.")
-        if noise_multiplier is not None and not noise_multiplier > 0:
-            raise DPMisconfigurationError(f"noise_multiplier must be positive, got {noise_multiplier}.")
-        if target_delta is not None and not (0 < target_delta < 1):
-            raise DPMisconfigurationError(f"target_delta must be in (0, 1), got {target_delta}.")
-        if not max_grad_norm > 0:
-            raise DPMisconfigurationError(f"max_grad_norm must be positive, got {max_grad_norm}.")
+        validate_value("max_grad_norm", max_grad_norm)
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise DPMisconfigurationError(f"max_physical_batch_size must be ≥ 1, got {max_physical_batch_size}.")
         if loss_reduction not in ("mean", "sum"):
             raise DPMisconfigurationError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
+        if clipping not in CLIPPING_MODES:
+            raise DPMisconfigurationError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}.")
+        if nonfinite not in ("skip", "error"):
+            raise DPMisconfigurationError(f"nonfinite must be 'skip' or 'error', got {nonfinite!r}.")
+        if resume_policy not in ("strict", "account_forks", "trust_checkpoint"):
+            raise DPMisconfigurationError(
+                f"resume_policy must be 'strict', 'account_forks' or 'trust_checkpoint', got {resume_policy!r}."
+            )
+        if epsilon_refresh_steps is not None and epsilon_refresh_steps < 1:
+            raise DPMisconfigurationError(f"epsilon_refresh_steps must be ≥ 1, got {epsilon_refresh_steps}.")
         self.target_epsilon = target_epsilon
         self.target_delta = target_delta
         self.max_grad_norm = float(max_grad_norm)
@@ -148,60 +175,136 @@ class DPStrategy(DDPStrategy):
         self.loss_reduction = loss_reduction
         self.log_clip_fraction = log_clip_fraction
         self.epsilon_refresh_steps = epsilon_refresh_steps
-        self.sampling_seed = sampling_seed
         self.engine_name = engine
-        if clipping not in CLIPPING_MODES:
-            raise DPMisconfigurationError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}.")
         self.clipping = clipping
-
-        self._noise_multiplier: float | None = noise_multiplier
-        self._phases: list[tuple[int, float]] = []  # (end step, exclusive; σ) when σ changes during the run
-        self._sample_rate: float | None = None
-        self._num_samples: int | None = None
-        self._expected_batch_size: float | None = None
-        self._steps_per_epoch: int | None = None
-        self._planned_steps: int | None = None
-        self._ledger = PrivacyLedger()
-        self._released_steps = 0
-        self._last_recorded_epoch = -1
-        self._restored: dict[str, Any] | None = None
+        self.check_sample_mixing = check_sample_mixing
+        self.nonfinite = nonfinite
+        self.journal_dir = journal_dir
+        self.resume_policy = resume_policy
+        self._plan = PrivacyPlan(
+            selection_for(poisson_sampling),
+            target_epsilon=target_epsilon,
+            delta=target_delta if target_delta is not None else DEFAULT_DELTA,
+            noise_multiplier=noise_multiplier,
+        )
+        self._streams = RandomStreams({"sampling": sampling_seed, "noise": noise_seed}, secure=secure_mode)
+        self._run = RunState()
+        self._meter = EpsilonMeter()
+        self._budget: Any = None  # the PrivacyBudget enforcing target_epsilon (set up per fit)
         self._engine: Any = None
         self._pending: dict[torch.nn.Parameter, Tensor] | None = None
-        self._noise_generator: torch.Generator | None = None
-        self._eps_bound: tuple[int, float] = (-1, 0.0)
+        self._written: dict[torch.nn.Parameter, Tensor] = {}
         self._last_norms: Tensor | None = None
-        #: per parameter, a 0/1 mask of the coordinates per-sample clipping sees (set by sparse fine-tuning; apply
-        #: with ``refresh_trainable()``)
+        self._probe_pending = False
+        self._nonfinite_total = 0
+        self._stopped_reason: str | None = None
+        self._planned_this_fit = False
+        self._restored_from_checkpoint = False
+        #: per parameter, a 0/1 mask of the coordinates per-sample clipping sees (set by sparse fine-tuning)
         self.grad_masks: dict[torch.nn.Parameter, Tensor] = {}
+
+    # ------------------------------------------------------------------ one Trainer per strategy
+    @property
+    def _accelerator(self) -> Any:
+        # Read by Lightning's accelerator connector only when a Trainer is built with this strategy.
+        if self._trainer_bound:
+            raise DPMisconfigurationError(
+                "This DPStrategy object already belongs to another Trainer. A strategy holds its Trainer's devices,"
+                " precision and privacy run; create a new DPStrategy(...) for each Trainer. To continue a private run"
+                " in a new Trainer, pass ckpt_path=... to fit (the ledger and journal continue from the checkpoint)."
+            )
+        return self.__dict__.get("_user_accelerator")
+
+    @_accelerator.setter
+    def _accelerator(self, value: Any) -> None:
+        self.__dict__["_user_accelerator"] = value
+
+    @property
+    def accelerator(self) -> Any:
+        """The accelerator of the Trainer this strategy belongs to."""
+        return self.__dict__.get("_bound_accelerator", self.__dict__.get("_user_accelerator"))
+
+    @accelerator.setter
+    def accelerator(self, accelerator: Any) -> None:
+        self.__dict__["_bound_accelerator"] = accelerator
+        self._trainer_bound = True
 
     # ------------------------------------------------------------------ public state
     @property
+    def plan(self) -> PrivacyPlan:
+        """The Lightning-free privacy plan (q, planned steps, σ schedule, ledger)."""
+        return self._plan
+
+    @property
     def noise_multiplier(self) -> float | None:
-        """σ of the current step: the noise std on the clipped sum relative to ``max_grad_norm`` (known once
-        ``fit`` has started; it changes between phases when a callback splits the budget, see ``noise_phases``).
-        """
-        if self._noise_multiplier is None:
-            return None
-        return self._sigma_at(self._released_steps)
+        """σ of the next step (known once ``fit`` has started; it changes between budget phases)."""
+        return self._plan.noise_multiplier
 
     @property
     def noise_phases(self) -> list[tuple[int, float]]:
-        """``[(end_step, σ), ...]``: σ used for steps before ``end_step`` (exclusive), when the budget is split into
-        phases (e.g. linear probing, then fine-tuning); empty when σ is constant.
-        """
-        return list(self._phases)
+        """``[(end_step, σ), ...]`` when the budget is split into phases; empty when σ is constant."""
+        return self._plan.phases
 
-    def _sigma_at(self, step: int) -> float:
-        for end, sigma in self._phases:
-            if step < end:
-                return sigma
-        assert self._noise_multiplier is not None
-        return self._noise_multiplier
+    @property
+    def sample_rate(self) -> float | None:
+        """q: the probability that an example is in a logical batch (known once ``fit`` has started)."""
+        return self._plan.sample_rate if self._plan.selection.num_samples else None
+
+    @property
+    def delta(self) -> float:
+        """δ at which ε is reported."""
+        return self._plan.delta
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        """The privacy ledger: every private release of this run, across fits and resumes."""
+        return self._plan.ledger
+
+    @property
+    def epsilon(self) -> float:
+        """ε spent so far at ``delta`` (the PRV accountant's upper bound; 0.0 before the first step)."""
+        return self._plan.epsilon()
+
+    @property
+    def planned_steps(self) -> int | None:
+        """The total number of optimizer steps the run is planned (and, with ``target_epsilon``, calibrated) for."""
+        return self._plan.planned_steps
+
+    @property
+    def last_per_sample_norms(self) -> Tensor | None:
+        """Per-sample gradient norms (before clipping, fp32) of this rank's last logical batch, for callbacks.
+
+        They are computed from private data: anything released from them must be noised and declared with
+        ``dp_release_noise`` (:class:`lightning_dp.protocols.ReleasesNoise`), or labelled as a non-private diagnostic.
+        """
+        return self._last_norms
+
+    @property
+    def last_release_step(self) -> int:
+        """0-based index of the last private step taken (-1 before the first)."""
+        return self._plan.released_steps - 1
+
+    @property
+    def journal_path(self) -> str | None:
+        """The privacy journal of this run (known once ``fit`` has started)."""
+        return self._run.journal_path
+
+    def planned_segments(self, start: int, count: int) -> list[MechanismSegment]:
+        """The ledger events that steps ``start .. start + count - 1`` will record if they run as planned.
+
+        Use it to bound ε ahead of time: ``strategy.ledger.epsilon(delta, extra=strategy.planned_segments(k, n))``.
+        """
+        return self._plan.planned_segments(start, count)
+
+    def random_source(self, purpose: str, step: int) -> RandomSource:
+        """The random source of ``purpose`` (``"noise"``, ``"histogram"``, ...) for step ``step`` on this rank."""
+        return self._streams.source(purpose, step, self.global_rank, self._run.branch)
 
     def refresh_trainable(self) -> None:
-        """Rebuild the per-sample gradient engine after ``requires_grad`` flags changed (call between steps, e.g.
-        from a callback that switches from linear probing to fine-tuning). Frozen parameters get no gradient and no
-        noise; the optimizer skips them.
+        """Rebuild the per-sample gradient engine for the current ``requires_grad`` flags and ``grad_masks``.
+
+        The strategy also does this by itself before every step whose trainable set changed; callbacks that change
+        it may call it directly. Frozen parameters get no gradient and no noise.
         """
         module = self.lightning_module
         assert module is not None
@@ -210,131 +313,10 @@ class DPStrategy(DDPStrategy):
         self._engine = build_engine(self.engine_name, module, loss_reduction=self.loss_reduction)
         self._engine.set_grad_masks(self.grad_masks)
         self._engine.attach()
+        self._probe_pending = self.check_sample_mixing
         for p in module.parameters():
             if not p.requires_grad:
                 p.grad = None
-
-    @property
-    def sample_rate(self) -> float | None:
-        """q: the probability that an example is in a logical batch (known once ``fit`` has started)."""
-        return self._sample_rate
-
-    @property
-    def delta(self) -> float:
-        """δ at which ε is reported."""
-        return self.target_delta if self.target_delta is not None else _DEFAULT_DELTA
-
-    @property
-    def ledger(self) -> PrivacyLedger:
-        """The privacy ledger: every private release of this run, also across resumes."""
-        return self._ledger
-
-    @property
-    def epsilon(self) -> float:
-        """ε spent so far at ``delta`` (the PRV accountant's upper bound; 0.0 before the first step)."""
-        return self._ledger.epsilon(self.delta)
-
-    @property
-    def planned_steps(self) -> int | None:
-        """The number of optimizer steps the run is planned (and, with ``target_epsilon``, calibrated) for."""
-        return self._planned_steps
-
-    @property
-    def last_per_sample_norms(self) -> Tensor | None:
-        """Per-sample gradient norms (before clipping, fp32) of this rank's last logical batch, for callbacks.
-
-        They are computed from private data: anything released from them must be noised and recorded in the
-        ledger (declare them with ``dp_release_noise``, see :meth:`_extra_noise`), or labelled as a non-private
-        diagnostic.
-        """
-        return self._last_norms
-
-    @property
-    def last_release_step(self) -> int:
-        """0-based index of the last recorded private step (-1 before the first)."""
-        return self._released_steps - 1
-
-    def _extra_noise(self, step: int) -> tuple[float, ...]:
-        """Noise multipliers of the statistics that callbacks release from the batch of step ``step``.
-
-        A callback that releases noised statistics of the private batch (e.g. a private gradient-norm histogram)
-        implements ``dp_release_noise(strategy, step) -> Sequence[float]``: for each release it makes from step
-        ``step``'s batch, the noise std divided by the release's L2 sensitivity to one example. It must depend on
-        ``step`` only (not on data), so that the σ calibration can plan for it. The strategy then records that step
-        as one Gaussian release with the combined multiplier (σ⁻² + Σ σ_j⁻²)^(-1/2).
-        """
-        module = self.lightning_module
-        trainer = module.trainer if module is not None else None
-        extra: list[float] = []
-        for cb in trainer.callbacks if trainer is not None else []:
-            fn = getattr(cb, "dp_release_noise", None)
-            if callable(fn):
-                extra.extend(float(x) for x in fn(self, step))
-        return tuple(sorted(extra))
-
-    def _joint_plan(self, start: int, count: int) -> dict[tuple[float, ...], int]:
-        """``{extra multipliers: number of steps}`` for steps ``start .. start + count - 1``."""
-        plan: dict[tuple[float, ...], int] = {}
-        for step in range(start, start + count):
-            extra = self._extra_noise(step)
-            plan[extra] = plan.get(extra, 0) + 1
-        return plan
-
-    @property
-    def last_recorded_epoch(self) -> int:
-        """With ``poisson_sampling=False``: the last epoch whose release is in the ledger (-1 before any)."""
-        return self._last_recorded_epoch
-
-    def planned_segments(
-        self, start: int, count: int, last_recorded_epoch: int | None = None
-    ) -> list[MechanismSegment]:
-        """The ledger segments that private steps ``start .. start + count - 1`` will record, as the strategy records
-        them: with Poisson sampling one per step at the step's σ combined with the callbacks' declared releases;
-        shuffled, one per epoch not yet recorded (after ``last_recorded_epoch``, default the current one).
-
-        Use it to bound ε ahead of time: ``strategy.ledger.epsilon(delta, extra=strategy.planned_segments(k, n))``.
-        """
-        assert self._sample_rate is not None, "planned_segments is known once fit has prepared the data"
-        if self.poisson_sampling:
-            per_sigma: dict[float, int] = {}
-            for step in range(start, start + count):
-                sigma = self._step_noise_multiplier(step)
-                per_sigma[sigma] = per_sigma.get(sigma, 0) + 1
-            return [self._release_segment(s, n) for s, n in per_sigma.items()]
-        spe = self._steps_per_epoch or 1
-        recorded = self._last_recorded_epoch if last_recorded_epoch is None else last_recorded_epoch
-        epochs = sorted({s // spe for s in range(start, start + count)} - {recorded})
-        return [
-            self._release_segment(min(self._step_noise_multiplier(e * spe + k) for k in range(spe)), 1)
-            for e in epochs
-            if e > recorded
-        ]
-
-    def _step_noise_multiplier(self, step: int) -> float:
-        return combine_noise_multipliers(self._sigma_at(step), *self._extra_noise(step))
-
-    def _budget_phases(self, planned: int) -> list[tuple[int, float]]:
-        """``[(end_step, cumulative share of target_epsilon)]`` declared by a callback's ``dp_budget_phases``."""
-        module = self.lightning_module
-        trainer = module.trainer if module is not None else None
-        phases: list[tuple[int, float]] = []
-        for cb in trainer.callbacks if trainer is not None else []:
-            fn = getattr(cb, "dp_budget_phases", None)
-            if callable(fn):
-                if phases:
-                    raise DPMisconfigurationError("Only one callback may split the privacy budget into phases.")
-                phases = [(int(e), float(f)) for e, f in fn(self, planned)]
-        if phases:
-            ends = [e for e, _ in phases]
-            shares = [f for _, f in phases]
-            if ends != sorted(ends) or ends[-1] != planned or shares != sorted(shares) or shares[-1] != 1.0:
-                raise DPMisconfigurationError(
-                    f"Budget phases {phases} must end at the planned {planned} steps, with increasing shares"
-                    " ending at 1."
-                )
-            if not self.poisson_sampling:
-                raise DPMisconfigurationError("Budget phases need Poisson sampling (poisson_sampling=True).")
-        return phases
 
     @property
     def world_size(self) -> int:
@@ -342,6 +324,7 @@ class DPStrategy(DDPStrategy):
         return self.num_nodes * self.num_processes
 
     # ------------------------------------------------------------------ environment
+    @override
     def _configure_launcher(self) -> None:
         # One rank: no launcher and no process group. Several: Lightning's DDP launchers (script/torchrun/SLURM).
         if self.world_size > 1:
@@ -349,6 +332,7 @@ class DPStrategy(DDPStrategy):
         else:
             self._launcher = None
 
+    @override
     def setup_environment(self) -> None:
         """Set up the device and, with more than one rank, the process group."""
         if self.world_size > 1:
@@ -356,6 +340,7 @@ class DPStrategy(DDPStrategy):
         else:
             Strategy.setup_environment(self)
 
+    @override
     def configure_ddp(self) -> None:
         """Do not wrap the model in ``DistributedDataParallel``: it would all-reduce *unclipped* gradients in
         backward. The clipped sums are all-reduced once per step instead; here only the initial parameters and
@@ -364,9 +349,11 @@ class DPStrategy(DDPStrategy):
         if _distributed_is_initialized() and self.world_size > 1:
             _sync_module_states(self.model)
 
+    @override
     def setup(self, trainer: pl.Trainer) -> None:
-        """Validate the run, build the per-sample gradient engine, then set up as Lightning does. Validation, test
-        and predict only move the model to its device (nothing private is released there).
+        """Validate the run, draw this fit's randomness, build the engine, then set up as Lightning does.
+
+        Validation, test and predict only move the model to its device (nothing private is released there).
         """
         module = self.lightning_module
         assert module is not None
@@ -381,6 +368,10 @@ class DPStrategy(DDPStrategy):
             return
         validate_trainer(trainer, self.precision_plugin.precision)
         validate_module(module)
+        self._adopt_module_state(module)
+        self._streams.refresh()
+        if self.world_size > 1:  # every rank draws its shard's masks from rank 0's sampling root
+            self._streams.set_root("sampling", int(self.broadcast(self._streams.root("sampling"), src=0)))
         self._engine = build_engine(self.engine_name, module, loss_reduction=self.loss_reduction)
         self._engine.set_grad_masks(self.grad_masks)
         super().setup(trainer)
@@ -388,358 +379,458 @@ class DPStrategy(DDPStrategy):
         if len(self.optimizers) != 1:
             raise DPMisconfigurationError(f"DPStrategy needs exactly one optimizer, got {len(self.optimizers)}.")
         self._engine.attach()
-        self._noise_generator = torch.Generator(device=self.root_device)
-        self._noise_generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-        if self.log_clip_fraction:
-            rank_zero_info(
-                "lightning_dp: `dp/clip_fraction` is a non-private diagnostic computed from private data without"
-                " noise; it is outside the DP guarantee. Pass DPStrategy(log_clip_fraction=False) to turn it off."
-            )
+        self._probe_pending = self.check_sample_mixing
+        self._nonfinite_total = 0
+        self._stopped_reason = None
+        self._planned_this_fit = False
+        self._run.bind_trainer(trainer, self._plan.released_steps, self._restored_from_checkpoint)
+        self._restored_from_checkpoint = False
+        self._install_budget(trainer)
 
+    def _install_budget(self, trainer: pl.Trainer) -> None:
+        """With ``target_epsilon``, a :class:`PrivacyBudget` at the target stops the run cleanly before any step that
+        would exceed it (across fits and resumes, whatever the plan said).
+        """
+        if self.target_epsilon is None:
+            return
+        from lightning_dp.callbacks.privacy_budget import PrivacyBudget
+
+        if self._budget is None:
+            self._budget = PrivacyBudget(max_epsilon=self.target_epsilon, filename="privacy-target-step={step}.ckpt")
+        if self._budget not in trainer.callbacks:
+            trainer.callbacks.append(self._budget)
+
+    def _adopt_module_state(self, module: pl.LightningModule) -> None:
+        """A module trained privately earlier in this process (by another strategy object) continues that run."""
+        state = getattr(module, "_lightning_dp_state", None)
+        if state is None or self._run.run_id is not None or self._plan.released_steps > 0:
+            return
+        self.load_state_dict(state, context="the module's earlier private fit")
+
+    @override
     def teardown(self) -> None:
-        """Remove the engine's hooks and tear down."""
+        """Remove the engine's hooks, close the journal, and remember the run on the module."""
         if self._engine is not None:
             self._engine.detach()
+        module = self.lightning_module
+        if module is not None and self._run.run_id is not None:
+            module._lightning_dp_state = self.state_dict()
+        self._run.close()
+        self._plan.unbind()
+        if module is not None and module._trainer is not None and self._budget in module.trainer.callbacks:
+            module.trainer.callbacks.remove(self._budget)
         super().teardown()
 
     # ------------------------------------------------------------------ data
+    @override
     def process_dataloader(self, dataloader: object) -> object:
-        """Replace the training sampler with a Poisson batch sampler (other stages are left alone)."""
+        """Replace the training sampler with the batch selection's sampler (other stages are left alone)."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None or trainer.state.stage != RunningStage.TRAINING:
             return dataloader
-        if not isinstance(dataloader, DataLoader):
-            raise DPMisconfigurationError(
-                f"DPStrategy needs a torch DataLoader for training, got {type(dataloader).__name__}: Poisson sampling"
-                " draws indices into a map-style dataset."
+        dataset, batch_size = _check_training_loader(dataloader)
+        self._plan.bind(len(dataset), batch_size, self.world_size, self.global_rank)
+        sampler = self._plan.selection.batch_sampler(self._sampling_source, lambda: self._plan.released_steps)
+        if not self._planned_this_fit:
+            self._plan_fit(
+                trainer, int(_parse_num_batches(RunningStage.TRAINING, len(sampler), trainer.limit_train_batches))
             )
-        dataset = dataloader.dataset
-        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-            raise DPMisconfigurationError(
-                "The training dataset is an iterable dataset without a length: Poisson sampling needs a map-style"
-                " dataset with __len__ and __getitem__ (e.g. a TensorDataset or an ImageFolder)."
-            )
-        batch_size = dataloader.batch_size
-        if batch_size is None:
-            raise DPMisconfigurationError(
-                "The training DataLoader has no batch_size (a custom batch_sampler?). Set batch_size to the expected"
-                " logical batch size and let DPStrategy sample the batches."
-            )
-        sampler = dataloader.sampler
-        if isinstance(sampler, DistributedSamplerWrapper):  # Lightning wrapped a custom sampler for DDP
-            sampler = sampler.dataset._sampler
-        if not isinstance(sampler, (RandomSampler, SequentialSampler, DistributedSampler)):
-            raise DPMisconfigurationError(
-                f"The training DataLoader uses a {type(sampler).__name__}; DPStrategy replaces the sampler with"
-                " Poisson sampling, which would silently drop its behaviour. Remove the custom sampler."
-            )
-        num_samples = len(dataset)
-        self._prepare_privacy(trainer, num_samples, batch_size)
-        rank, replicas = self.global_rank, self.world_size
-        if self.sampling_seed is None:
-            # Every rank must draw its shard's masks from the same seed stream: take rank 0's.
-            self.sampling_seed = int(self.broadcast(int(torch.randint(0, 2**62, (1,)).item()), src=0))
-        if self.poisson_sampling:
-            batch_sampler: Any = PoissonBatchSampler(
-                num_samples, self._sample_rate, self._steps_per_epoch, replicas, rank, self.sampling_seed
-            )
-        else:
-            batch_sampler = ShuffleBatchSampler(num_samples, batch_size, replicas, rank, self.sampling_seed)
+            self._planned_this_fit = True
+        loader: DataLoader = dataloader  # type: ignore[assignment]
         return DataLoader(
             dataset,
-            batch_sampler=batch_sampler,
-            num_workers=dataloader.num_workers,
-            collate_fn=EmptyBatchCollate(dataloader.collate_fn, dataset),
-            pin_memory=dataloader.pin_memory,
-            timeout=dataloader.timeout,
-            worker_init_fn=dataloader.worker_init_fn,
-            multiprocessing_context=dataloader.multiprocessing_context,
-            prefetch_factor=dataloader.prefetch_factor if dataloader.num_workers > 0 else None,
-            persistent_workers=dataloader.persistent_workers,
-            pin_memory_device=dataloader.pin_memory_device,
+            batch_sampler=sampler,
+            num_workers=loader.num_workers,
+            collate_fn=EmptyBatchCollate(loader.collate_fn, dataset),
+            pin_memory=loader.pin_memory,
+            timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn,
+            multiprocessing_context=loader.multiprocessing_context,
+            prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
+            persistent_workers=loader.persistent_workers,
+            pin_memory_device=loader.pin_memory_device,
         )
 
-    def _plan_steps(self, trainer: pl.Trainer, steps_per_epoch: int) -> int:
-        limit = trainer.limit_train_batches
-        if isinstance(limit, int) or (isinstance(limit, float) and limit > 1.0):
-            steps_per_epoch = min(steps_per_epoch, int(limit))
-        elif isinstance(limit, float) and limit < 1.0:
-            steps_per_epoch = max(1, int(steps_per_epoch * limit))
-        max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
-        from_epochs = max_epochs * steps_per_epoch if max_epochs is not None and max_epochs >= 0 else None
-        from_steps = max_steps if max_steps is not None and max_steps >= 0 else None
-        if from_epochs is None and from_steps is None:
-            raise PrivacyTargetError(
-                "target_epsilon needs a finite run to calibrate the noise for: set max_epochs or max_steps (or give"
-                " noise_multiplier instead)."
-            )
-        return min(x for x in (from_epochs, from_steps) if x is not None)
+    def _sampling_source(self, step: int, rank: int) -> RandomSource:
+        return self._streams.source("sampling", step, rank, self._run.branch)
 
-    def _prepare_privacy(self, trainer: pl.Trainer, num_samples: int, batch_size: int) -> None:
-        """Fix q, steps per epoch, the planned steps and σ (calibrating it for ``target_epsilon``)."""
-        expected_batch = batch_size * self.world_size  # per-rank batch_size × ranks = global logical batch
-        if expected_batch > num_samples:
-            raise DPMisconfigurationError(
-                f"The logical batch size {expected_batch} exceeds the dataset size {num_samples}."
-            )
-        if not self.delta < 1.0 / num_samples:
-            raise PrivacyTargetError(
-                f"target_delta={self.delta:g} is not below 1/N = {1.0 / num_samples:.3g} (N={num_samples}): such a δ"
-                " allows releasing whole examples. Set target_delta well below 1/N, e.g. 1/(10·N)."
-            )
-        sample_rate = expected_batch / num_samples
-        steps_per_epoch = math.ceil(num_samples / expected_batch)
-        planned = self._plan_steps(trainer, steps_per_epoch) if self.target_epsilon is not None else None
-        if self._sample_rate is not None:  # the loader is rebuilt (reload_dataloaders_every_n_epochs)
-            if sample_rate != self._sample_rate:
-                raise DPMisconfigurationError("The training set or batch size changed during fit; q must stay fixed.")
-            return
-        self._num_samples, self._expected_batch_size = num_samples, float(expected_batch)
-        self._sample_rate, self._steps_per_epoch = sample_rate, steps_per_epoch
-        if self.target_epsilon is not None:
-            assert planned is not None
-            self._planned_steps = planned
-            # Calibrated on rank 0 and broadcast: every rank must use (and record) exactly the same σ.
-            sigma = self._calibrate(planned) if self.global_rank == 0 else None
-            self._noise_multiplier = float(self.broadcast(sigma, src=0))
-        else:
-            from_epochs = trainer.max_epochs * steps_per_epoch if (trainer.max_epochs or -1) >= 0 else None
-            from_steps = trainer.max_steps if trainer.max_steps >= 0 else None
-            options = [x for x in (from_epochs, from_steps) if x is not None]
-            self._planned_steps = min(options) if options else None
-        if not self.poisson_sampling:
-            rank_zero_warn(
-                "DPStrategy(poisson_sampling=False): batches are shuffled, not Poisson-sampled, so the ledger claims no"
-                " amplification by subsampling. ε is that of one Gaussian release with sensitivity 2C (replace-one"
-                " adjacency) per epoch, far larger than a Poisson-sampled run's. Use Poisson sampling for the usual"
-                " DP-SGD guarantee."
-            )
+    # ------------------------------------------------------------------ planning (once per fit)
+    def _extras_of(self, step: int) -> tuple[float, ...]:
+        """The noise multipliers of what callbacks release from step ``step``'s batch (``ReleasesNoise``)."""
+        trainer = self.lightning_module.trainer
+        extra = [
+            float(x)
+            for cb in trainer.callbacks
+            if isinstance(cb, ReleasesNoise)
+            for x in cb.dp_release_noise(self, step)
+        ]
+        return tuple(sorted(extra))
+
+    def _phases_of(self, planned: int) -> list[tuple[int, float]]:
+        """Budget phases declared by at most one callback (``SplitsBudget``)."""
+        splitters = [cb for cb in self.lightning_module.trainer.callbacks if isinstance(cb, SplitsBudget)]
+        phases = [list(cb.dp_budget_phases(self, planned)) for cb in splitters]
+        phases = [p for p in phases if p]
+        if len(phases) > 1:
+            raise DPMisconfigurationError("Only one callback may split the privacy budget into phases.")
+        return phases[0] if phases else []
+
+    def _plan_fit(self, trainer: pl.Trainer, epoch_steps: int) -> None:
+        """Fix the plan of this fit (calibrating σ for ``target_epsilon``) before any callback asks for it."""
+        run = self._run
+        trainer_step = self._plan.released_steps - run.step_offset
+        current_epoch = max(run.epoch, 0)
+        planned = planned_total_steps(
+            epoch_steps,
+            trainer.max_epochs,
+            trainer.max_steps,
+            global_step=trainer_step,
+            current_epoch=current_epoch,
+            done_in_epoch=run.done_in_epoch(current_epoch, self._plan.released_steps),
+        )
+        planned = None if planned is None else planned + run.step_offset
+        self._plan.selection.epoch_steps = epoch_steps
+        self._schedule(trainer, planned)
+        self._meter.start(self._plan.released_steps)
+        if self._stopped_reason is None:
+            self._certify(planned)
+        sigma = self._plan.noise_multiplier
         rank_zero_info(
-            f"lightning_dp: N={num_samples}, expected batch B={expected_batch}, q={sample_rate:.5g},"
-            f" σ={self._noise_multiplier:.5g}, C={self.max_grad_norm}, δ={self.delta:g}, planned steps"
-            f" {self._planned_steps}" + (f", target ε={self.target_epsilon}" if self.target_epsilon else "")
+            f"lightning_dp: N={self._plan.selection.num_samples}, expected batch B={self._plan.expected_batch_size},"
+            f" q={self._plan.sample_rate:.5g}, σ={sigma if sigma is None else f'{sigma:.5g}'}, C={self.max_grad_norm},"
+            f" δ={self.delta:g}, planned steps {planned}, steps taken {self._plan.released_steps}"
+            + (f", target ε={self.target_epsilon}" if self.target_epsilon else "")
         )
+        self._plan.selection.announce()
 
-    def _release_segment(self, sigma: float, steps: int) -> MechanismSegment:
-        """The ledger segment of ``steps`` private gradient releases (per epoch in shuffle mode)."""
-        if self.poisson_sampling:
-            return MechanismSegment(sigma, self._sample_rate, steps, "dp-sgd")
-        # Shuffled batches: no amplification; one release per epoch with sensitivity 2C (replace-one).
-        return MechanismSegment(sigma / 2.0, 1.0, steps, "dp-sgd")
+    @override
+    def on_train_start(self) -> None:
+        """Open (or continue) the privacy journal: no step runs before its session is on disk."""
+        trainer = self.lightning_module.trainer
+        if not self._planned_this_fit:
+            raise DPMisconfigurationError("DPStrategy was not prepared: the training dataloader did not go through it.")
+        self._run.open(self, trainer)
+        if self.log_clip_fraction and trainer.loggers:
+            rank_zero_info(
+                "lightning_dp: `nonprivate/step_clip_fraction` is a non-private diagnostic computed from private data"
+                " without noise; it is outside the DP guarantee. Pass DPStrategy(log_clip_fraction=False) to turn it"
+                " off."
+            )
 
-    def _calibrate(self, planned: int) -> float:
-        """Calibrate σ (per budget phase, if a callback declares phases) for the remaining planned steps, on top
-        of what the ledger already spent. Sets ``self._phases`` and returns the σ of the last phase.
-        """
-        restored = self._restored or {}
-        same_plan = (
-            restored.get("sample_rate") == self._sample_rate
-            and restored.get("planned_steps") == planned
-            and restored.get("target_epsilon") == self.target_epsilon
-            and restored.get("delta") == self.delta
-            and restored.get("poisson_sampling", True) == self.poisson_sampling
-        )
-        if same_plan and restored.get("noise_multiplier"):
-            self._phases = [(int(e), float(s)) for e, s in restored.get("noise_phases", [])]
-            return float(restored["noise_multiplier"])
-        remaining = planned - self._released_steps
-        if remaining <= 0:
-            raise PrivacyTargetError(
-                f"The run already took {self._released_steps} private steps, not fewer than the {planned} planned:"
-                " raise max_epochs/max_steps to continue."
-            )
-        assert self.target_epsilon is not None and self._sample_rate is not None
-        if not self.poisson_sampling:
-            # Shuffled: one release per epoch at sensitivity 2C (the ledger sees σ/2 at q = 1), with the worst
-            # step's extra releases: calibrate that, then double.
-            plan = self._joint_plan(self._released_steps, remaining)
-            spe = self._steps_per_epoch or 1
-            epochs = max(1, math.ceil(planned / spe) - math.ceil(self._released_steps / spe))
-            worst = max(plan, key=lambda extra: sum(x**-2 for x in extra))
-            halved = tuple(x / 2.0 for x in worst)
-            return 2.0 * calibrate_noise_multiplier(
-                self.target_epsilon,
-                self.delta,
-                1.0,
-                epochs,
-                prior=self._ledger.segments,
-                joint_noise={halved: epochs} if worst else None,
-            )
-        phases = self._budget_phases(planned) or [(planned, 1.0)]
-        prior = list(self._ledger.segments)
-        start = self._released_steps
-        calibrated: list[tuple[int, float]] = []
-        sigma = 0.0
-        for end, share in phases:
-            if end <= start:
-                continue
-            plan = self._joint_plan(start, end - start)
-            sigma = calibrate_noise_multiplier(
-                share * self.target_epsilon,
-                self.delta,
-                self._sample_rate,
-                end - start,
-                prior=prior,
-                joint_noise=plan,
-            )
-            calibrated.append((end, sigma))
-            prior += [
-                MechanismSegment(combine_noise_multipliers(sigma, *x), self._sample_rate, n) for x, n in plan.items()
-            ]
-            start = end
-        self._phases = calibrated if len(calibrated) > 1 else []
-        return sigma
+    def _schedule(self, trainer: pl.Trainer, planned: int | None) -> None:
+        """Calibrate on rank 0 and broadcast, so that every rank uses (and records) exactly the same σ."""
+        outcome: dict[str, Any] = {}
+        if self.global_rank == 0:
+            try:
+                self._plan.schedule(planned, self._extras_of, self._phases_of)
+                outcome = {"sigma": self._plan._sigma, "phases": self._plan.phases}
+            except PrivacyTargetError as err:
+                if self._plan.released_steps == 0 and len(self._plan.ledger) == 0:
+                    outcome = {"error": str(err)}
+                else:  # a continuing run whose budget is spent: stop cleanly, as PrivacyBudget does
+                    outcome = {"stop": str(err)}
+        outcome = self.broadcast(outcome, src=0)
+        if "error" in outcome:
+            raise PrivacyTargetError(outcome["error"])
+        if "stop" in outcome:
+            self._stopped_reason = outcome["stop"]
+            self._plan.planned_steps = planned
+            trainer.should_stop = True
+            rank_zero_info(f"lightning_dp: not training: {outcome['stop']}")
+            return
+        if self.global_rank != 0:
+            self._plan.adopt_schedule(planned, outcome["sigma"], outcome["phases"], self._extras_of)
+
+    def _certify(self, planned: int | None) -> None:
+        """Tell the budget guard and the ε meter what the calibrated plan already proves (no evaluation needed)."""
+        start = self._plan.released_steps
+        if self.target_epsilon is not None and planned is not None and planned > start:
+            events = self._plan.planned_segments(start, planned - start)
+            if self._budget is not None:
+                self._budget.certify(events)
+            self._meter.certify(planned, self.target_epsilon)
 
     # ------------------------------------------------------------------ the private step
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Before each step: refuse gradient accumulation, follow changes of the trainable set, enforce the budget."""
+        trainer = self.lightning_module.trainer
+        if trainer.accumulate_grad_batches != 1:
+            raise DPMisconfigurationError(
+                f"Gradient accumulation (accumulate_grad_batches={trainer.accumulate_grad_batches}, e.g. set by"
+                " GradientAccumulationScheduler) would apply several releases in one update and miscount them. Use"
+                " a larger dataloader batch_size and DPStrategy(max_physical_batch_size=...) instead."
+            )
+        if self._stopped_reason is not None:
+            raise PrivacyTargetError(f"DPStrategy: no step may run: {self._stopped_reason}")
+        if self._budget is not None:
+            self._budget.enforce(trainer, self)
+        current = [p for p in dict.fromkeys(self.lightning_module.parameters()) if p.requires_grad]
+        if (
+            self._engine is None
+            or current != self._engine.params
+            or self._engine.grad_masks.keys() != {p for p in self.grad_masks if p.requires_grad}
+        ):
+            rank_zero_info(
+                f"lightning_dp: the trainable parameters changed ({len(current)} tensors trainable); rebuilding the"
+                " per-sample gradient engine so that every trainable parameter is clipped and noised."
+            )
+            self.refresh_trainable()
+
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the user's ``training_step`` per micro-batch, clip per sample, and prepare the noisy gradient."""
+        """Run the user's ``training_step`` per micro-batch, clip per sample, and form the noisy gradient."""
         module = self.lightning_module
-        engine = self._engine
-        assert module is not None and engine is not None
-        if self._sample_rate is None or self._noise_multiplier is None:
-            raise RuntimeError("DPStrategy was not prepared: the training dataloader did not go through it.")
         batch, rest = args[0], args[1:]
         micro_batches = split_batch(batch, self.max_physical_batch_size)
-        losses: list[Tensor] = []
-        norms: list[Tensor] = []
-        last_output: Any = None
-        for micro, size in micro_batches:
-            with engine.capture(size):
-                with self.precision_plugin.train_step_context():
-                    output = module.training_step(micro, *rest, **kwargs)
-                loss = _loss_of(output)
-                loss.backward()
-            norms.append(engine.clip_and_accumulate(self.max_grad_norm, self.clipping))
-            losses.append(loss.detach().float() * size)
-            last_output = output
+        if self._probe_pending:
+            self._probe(batch, rest, kwargs)
+        losses, norms, last_output = self._clip_micro_batches(micro_batches, rest, kwargs)
+        self._pending = self._reduce_and_noise(self._engine.pop_summed())
+        self._last_norms = norms
+        self._log_step_metrics(module, norms)
         n = sum(size for _, size in micro_batches)
-        sigma = self._sigma_at(self._released_steps)
-        self._pending = privatize(
-            engine.pop_summed(),
-            noise_std=sigma * sensitivity(self.max_grad_norm, self.clipping),
-            normalizer=self._expected_batch_size,
-            generator=self._noise_generator,
-            all_reduce=self._all_reduce_sum if self.world_size > 1 else None,
-            add_noise=self.global_rank == 0,  # one draw for the global sum, not one per rank
-        )
-        all_norms = torch.cat(norms) if norms else torch.zeros(0, device=self.root_device)
-        self._last_norms = all_norms
-        self._log_step_metrics(module, all_norms)
         mean_loss = torch.stack(losses).sum() / n if n else torch.zeros((), device=self.root_device)
         if isinstance(last_output, Mapping):
             return {**last_output, "loss": mean_loss}
         return mean_loss
 
-    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        """Write the private gradient into ``p.grad`` (the backward passes already ran per micro-batch) and record
-        the release in the ledger.
-        """
+    def _run_user_step(self, micro: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Tensor]:
         module = self.lightning_module
-        assert module is not None
-        if self._pending is None:
-            raise RuntimeError("DPStrategy.backward called without a private training_step before it.")
-        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        for p, g in self._pending.items():
-            p.grad = g
-        self._pending = None
-        self._record_release()
-        return self.precision_plugin.post_backward(closure_loss, module)
+        with self.precision_plugin.train_step_context():
+            output = module.training_step(micro, *rest, **kwargs)
+        return output, _loss_of(output)
+
+    def _probe(self, batch: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Check once (first step with ≥ 2 examples, and after the trainable set changed) that examples don't mix."""
+        from lightning_dp.sampling import batch_size_of
+
+        size = batch_size_of(batch)
+        if size < 2:  # one example cannot be mixed with another: the check waits for a larger batch
+            return
+        module = self.lightning_module
+        engine = self._engine
+
+        def norms_of(probe: Any, m: int) -> Tensor:
+            with _logging_suppressed(module), engine.capture(m):
+                _, loss = self._run_user_step(probe, rest, kwargs)
+                loss.backward()
+            return engine.probe_norms()
+
+        find_sample_mixing(module, norms_of, batch, size)
+        self._probe_pending = False
+
+    def _clip_micro_batches(
+        self, micro_batches: list[tuple[Any, int]], rest: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[list[Tensor], Tensor, Any]:
+        """Stages 1–2: the user's forward and backward per micro-batch, then per-sample clipping into the sum."""
+        engine = self._engine
+        losses: list[Tensor] = []
+        norms: list[Tensor] = []
+        last_output: Any = None
+        for micro, size in micro_batches:
+            with engine.capture(size):
+                output, loss = self._run_user_step(micro, rest, kwargs)
+                loss.backward()
+            norms.append(engine.clip_and_accumulate(self.max_grad_norm, self.clipping))
+            losses.append(loss.detach().float() * size)
+            last_output = output
+            self._count_nonfinite(engine)
+        all_norms = torch.cat(norms) if norms else torch.zeros(0, device=self.root_device)
+        return losses, all_norms, last_output
+
+    def _count_nonfinite(self, engine: Any) -> None:
+        bad = int(getattr(engine, "last_nonfinite", 0))
+        if bad:
+            if self._nonfinite_total == 0:
+                rank_zero_warn(
+                    f"lightning_dp: {bad} example(s) of step {self._plan.released_steps} had a non-finite (NaN/inf)"
+                    " per-sample gradient; they contribute zero to the update, so the clipping bound still holds."
+                    " This count is computed from private data without noise (a non-private diagnostic). Pass"
+                    " DPStrategy(nonfinite='error') to stop instead, and check your data for NaN/inf values."
+                )
+            self._nonfinite_total += bad
+
+    def _reduce_and_noise(self, summed: dict[torch.nn.Parameter, Tensor]) -> dict[torch.nn.Parameter, Tensor]:
+        """Stages 3–4: one flat buffer of clipped sums, the noise added once (rank 0), all-reduced, divided by B."""
+        step = self._plan.released_steps
+        sigma = self._plan.sigma_at(step)
+        return privatize(
+            summed,
+            noise_std=sigma * sensitivity(self.max_grad_norm, self.clipping),
+            normalizer=float(self._plan.expected_batch_size),
+            source=self.random_source("noise", step) if self.global_rank == 0 else None,
+            all_reduce=self._all_reduce_sum if self.world_size > 1 else None,
+        )
 
     @staticmethod
     def _all_reduce_sum(flat: Tensor) -> None:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
 
-    def _record_release(self) -> None:
-        assert self._noise_multiplier is not None
-        epoch = self.lightning_module.trainer.current_epoch
-        step = self._released_steps
-        self._released_steps += 1
-        if self.poisson_sampling:
-            self._ledger.record(self._step_noise_multiplier(step), self._sample_rate, 1)
-        elif epoch != self._last_recorded_epoch:
-            spe = self._steps_per_epoch or 1
-            sigma = min(self._step_noise_multiplier(epoch * spe + k) for k in range(spe))
-            seg = self._release_segment(sigma, 1)
-            self._ledger.record(seg.noise_multiplier, seg.sample_rate, 1)
-        self._last_recorded_epoch = epoch
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        """Stages 5–6: record the release (ledger, then the journal, flushed) and write the private gradient into
+        ``p.grad`` (the backward passes already ran per micro-batch).
+        """
+        module = self.lightning_module
+        if self._pending is None:
+            raise RuntimeError("DPStrategy.backward called without a private training_step before it.")
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        self._record_step()
+        self._written = self._pending
+        for p, g in self._pending.items():
+            p.grad = g
+        self._pending = None
+        return self.precision_plugin.post_backward(closure_loss, module)
 
-    def _epsilon_upper_bound(self) -> float:
-        """An upper bound on ε after the current step, valid for the next ``epsilon_refresh_steps`` steps too."""
-        step = self._released_steps + 1
-        valid_through, value = self._eps_bound
-        if step <= valid_through:
-            return value
-        spe = self._steps_per_epoch or 1
-        ahead = self.epsilon_refresh_steps or max(1, spe // 4)
-        if self._planned_steps is not None:
-            ahead = max(1, min(ahead, self._planned_steps - self._released_steps))
-        extra = self.planned_segments(self._released_steps, ahead)
-        value = self._ledger.epsilon(self.delta, extra=extra)
-        self._eps_bound = (self._released_steps + ahead, value)
-        return value
+    def _record_step(self) -> None:
+        step = self._plan.released_steps
+        event = self._plan.record()
+        self._run.record(step, self.lightning_module.trainer.current_epoch, event)
+        if self._budget is not None:
+            self._budget.consume(event)
 
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        """Step the user's optimizer; just before it updates, every gradient must be the one this strategy wrote."""
+        model = model or self.lightning_module
+        precision = self.precision_plugin
+
+        def closure_then_check() -> Any:
+            result = precision._wrap_closure(model, optimizer, closure)  # training_step, backward, hooks
+            self._check_gradients(optimizer)
+            return result
+
+        return optimizer.step(closure=closure_then_check, **kwargs)
+
+    def _check_gradients(self, optimizer: Any) -> None:
+        names = {p: n for n, p in self.lightning_module.named_parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and self._written.get(p) is not p.grad:
+                    raise DPMisconfigurationError(
+                        f"Parameter '{names.get(p, '?')}' has a gradient that DPStrategy did not write: it would be"
+                        " applied without clipping and noise. A gradient was set or replaced after the private step"
+                        " (e.g. in on_before_optimizer_step or optimizer_zero_grad), or the parameter became trainable"
+                        " outside fit. Modify private gradients in place only."
+                    )
+        self._written = {}
+
+    # ------------------------------------------------------------------ metrics
     def _log_step_metrics(self, module: pl.LightningModule, norms: Tensor) -> None:
-        assert self._noise_multiplier is not None and self._expected_batch_size is not None
-        sigma = self._sigma_at(self._released_steps)
+        plan = self._plan
+        step = plan.released_steps
+        sigma = plan.sigma_at(step)
         metrics = {
             "dp/epsilon": self._epsilon_upper_bound(),
             "dp/noise_multiplier": sigma,
-            "dp/sample_rate": float(self._sample_rate),
-            "dp/effective_noise": sigma * sensitivity(self.max_grad_norm, self.clipping) / self._expected_batch_size,
+            "dp/sample_rate": float(plan.sample_rate),
+            "dp/effective_noise": sigma * sensitivity(self.max_grad_norm, self.clipping) / plan.expected_batch_size,
         }
-        if self._planned_steps:
-            metrics["dp/cumulative_noise"] = sigma * math.sqrt(self._planned_steps)
+        cumulative = plan.cumulative_noise()
+        if cumulative is not None:
+            metrics["dp/cumulative_noise"] = cumulative
         for name, value in metrics.items():
             module.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "dp/epsilon", batch_size=1)
         if self.log_clip_fraction and norms.numel():
             frac = (norms > self.max_grad_norm).float().mean()
-            module.log("dp/clip_fraction", frac, on_step=True, on_epoch=False, batch_size=1)
+            module.log("nonprivate/step_clip_fraction", frac, on_step=True, on_epoch=False, batch_size=1)
+
+    def _epsilon_upper_bound(self) -> float:
+        """An upper bound on ε after the current step (refreshed within the meter's time budget)."""
+        plan = self._plan
+        done = plan.released_steps + 1  # this step is about to be recorded
+        horizon = (plan.planned_steps - done) if plan.planned_steps is not None else 1
+        if self.epsilon_refresh_steps is not None:
+            horizon = min(max(horizon, 1), self.epsilon_refresh_steps)
+        extra = plan.planned_segments(plan.released_steps, 1)
+        return self._meter.value(
+            done, _LedgerPlus(plan.ledger, extra), self.delta, plan.planned_segments, max(1, horizon)
+        )
+
+    @override
+    def on_train_end(self) -> None:
+        """Write the final ε to every logger (the last logged ``dp/epsilon`` may be from an earlier step)."""
+        trainer = self.lightning_module.trainer
+        self._run.sync()
+        if self._nonfinite_total:
+            rank_zero_warn(
+                f"lightning_dp: {self._nonfinite_total} example(s) had non-finite per-sample gradients in this fit and"
+                " contributed zero (a non-private count)."
+            )
+        if not trainer.is_global_zero or self._plan.released_steps == 0:
+            return
+        final = {"dp/epsilon": self.epsilon}
+        for logger in trainer.loggers:
+            logger.log_metrics(final, step=trainer.global_step)
+            summary = getattr(getattr(logger, "experiment", None), "summary", None)
+            if summary is not None and hasattr(summary, "update"):
+                summary.update(final)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The privacy state saved in checkpoints (plain Python numbers)."""
+        """The privacy state saved in checkpoints (plain Python numbers; no seeds)."""
         return {
-            "version": 1,
-            "ledger": self._ledger.state_dict(),
-            "released_steps": self._released_steps,
-            "last_recorded_epoch": self._last_recorded_epoch,
-            "noise_multiplier": self._noise_multiplier,
-            "noise_phases": [[e, s] for e, s in self._phases],
-            "sample_rate": self._sample_rate,
-            "planned_steps": self._planned_steps,
-            "target_epsilon": self.target_epsilon,
-            "delta": self.delta,
+            "version": 2,
+            "plan": self._plan.state_dict(),
+            **self._run.state_dict(),
             "max_grad_norm": self.max_grad_norm,
             "clipping": self.clipping,
-            "poisson_sampling": self.poisson_sampling,
-            "sampling_seed": self.sampling_seed,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the privacy state from :meth:`state_dict` (the ledger continues)."""
-        if state.get("version") != 1:
-            raise DPMisconfigurationError(f"Unknown lightning_dp checkpoint state version {state.get('version')!r}.")
-        self._ledger.load_state_dict(state["ledger"])
-        self._released_steps = int(state["released_steps"])
-        self._last_recorded_epoch = int(state["last_recorded_epoch"])
-        if self.target_epsilon is None and state.get("noise_multiplier") and self._noise_multiplier is None:
-            self._noise_multiplier = float(state["noise_multiplier"])
-        if self.sampling_seed is None and state.get("sampling_seed") is not None:
-            self.sampling_seed = int(state["sampling_seed"])
-        self._restored = dict(state)
+    def load_state_dict(
+        self,
+        state: dict[str, Any],
+        checkpoint: dict[str, Any] | None = None,
+        context: str = "the checkpoint",
+        checkpoint_path: _PATH | None = None,
+    ) -> None:
+        """Restore the privacy state, checked against the run's journal (see :func:`restore_run`).
 
+        Raises:
+            DPMisconfigurationError: for a state that disagrees with the checkpoint's progress or the journal (a
+                fork, a missing or edited journal, an edited ledger), under ``resume_policy``.
+        """
+        if self.global_rank == 0:
+            try:
+                restored = restore_run(state, checkpoint, self, context, checkpoint_path)
+                outcome: dict[str, Any] = {"ok": restored}
+            except DPMisconfigurationError as err:
+                outcome = {"error": str(err), "type": type(err).__name__}
+        else:
+            outcome = {}
+        outcome = self.broadcast(outcome, src=0) if _distributed_is_initialized() else outcome
+        if "error" in outcome:
+            raise DPMisconfigurationError(outcome["error"])
+        plan_state, run_state = outcome["ok"]
+        self._plan.load_state_dict(plan_state)
+        self._run.load(run_state, self)
+
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Save the checkpoint with the privacy state under ``checkpoint["lightning_dp"]``."""
+        """Save the checkpoint with the privacy state under ``checkpoint["lightning_dp"]``; the journal is forced to
+        disk first, so a checkpoint on disk never holds steps its journal lacks.
+        """
+        self._run.sync()
         checkpoint[_STATE_KEY] = self.state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
+    @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        """Load a checkpoint and restore the privacy ledger from it.
+        """Load a checkpoint and restore (and verify) the privacy run from it.
 
         Raises:
-            DPMisconfigurationError: if the checkpoint holds training progress but no privacy state.
+            DPMisconfigurationError: if the file cannot be read, holds training progress but no privacy state, or
+                its privacy state fails the checks of :meth:`load_state_dict`.
         """
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        try:
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        except (OSError, RuntimeError, EOFError, ValueError) as err:
+            raise DPMisconfigurationError(
+                f"Cannot read the checkpoint {os.fspath(checkpoint_path)} ({type(err).__name__}: {err}). It may be"
+                " truncated (e.g. the process died while writing it). Resume from another checkpoint; if it is older"
+                " than the last step taken, the journal check will ask you to choose a resume_policy."
+            ) from err
         state = checkpoint.get(_STATE_KEY)
         if state is None:
             if checkpoint.get("global_step", 0) > 0:
@@ -749,14 +840,82 @@ class DPStrategy(DDPStrategy):
                     " from its weights, load them (`Model.load_from_checkpoint(path)`) and call fit without ckpt_path."
                 )
         else:
-            self.load_state_dict(state)
+            self.load_state_dict(state, checkpoint, f"checkpoint {os.fspath(checkpoint_path)}", checkpoint_path)
+            self._restored_from_checkpoint = True
         return checkpoint
 
+    @override
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
         """Reduce across ranks (identity on one device)."""
         if not _distributed_is_initialized():
             return tensor
         return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+
+class _LedgerPlus:
+    """A read-only view of a ledger with the events of the step being recorded added (for the ε meter)."""
+
+    def __init__(self, ledger: PrivacyLedger, extra: list[MechanismSegment]) -> None:
+        self._ledger, self._extra = ledger, extra
+
+    @property
+    def segments(self) -> list[MechanismSegment]:
+        return self._ledger.segments + self._extra
+
+    def epsilon(self, delta: float, extra: list[MechanismSegment] = ()) -> float:  # type: ignore[assignment]
+        return self._ledger.epsilon(delta, extra=self._extra + list(extra))
+
+
+class _logging_suppressed:
+    """Silence ``self.log`` / ``self.log_dict`` of a LightningModule (while the probe runs its training_step)."""
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.module.log = _no_log  # type: ignore[method-assign]
+        self.module.log_dict = _no_log  # type: ignore[method-assign]
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.module.log
+        del self.module.log_dict
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _check_training_loader(dataloader: object) -> tuple[Any, int]:
+    """The training set and per-rank batch size of a DataLoader that DPStrategy can sample for.
+
+    Raises:
+        DPMisconfigurationError: for anything but a map-style DataLoader with a batch size and a plain sampler.
+    """
+    if not isinstance(dataloader, DataLoader):
+        raise DPMisconfigurationError(
+            f"DPStrategy needs a torch DataLoader for training, got {type(dataloader).__name__}: Poisson sampling"
+            " draws indices into a map-style dataset."
+        )
+    dataset = dataloader.dataset
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        raise DPMisconfigurationError(
+            "The training dataset is an iterable dataset without a length: Poisson sampling needs a map-style"
+            " dataset with __len__ and __getitem__ (e.g. a TensorDataset or an ImageFolder)."
+        )
+    if dataloader.batch_size is None:
+        raise DPMisconfigurationError(
+            "The training DataLoader has no batch_size (a custom batch_sampler?). Set batch_size to the expected"
+            " logical batch size and let DPStrategy sample the batches."
+        )
+    sampler = dataloader.sampler
+    if isinstance(sampler, DistributedSamplerWrapper):  # Lightning wrapped a custom sampler for DDP
+        sampler = sampler.dataset._sampler
+    if not isinstance(sampler, (RandomSampler, SequentialSampler, DistributedSampler)):
+        raise DPMisconfigurationError(
+            f"The training DataLoader uses a {type(sampler).__name__}; DPStrategy replaces the sampler with"
+            " Poisson sampling, which would silently drop its behaviour. Remove the custom sampler."
+        )
+    return dataset, int(dataloader.batch_size)
 
 
 def _loss_of(output: Any) -> Tensor:

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from torch import nn
 from torch.optim import LBFGS, Optimizer
 
 from lightning_dp.errors import DPMisconfigurationError
 
 SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "64-true")
+
+
+def validate_value(name: str, value: float) -> None:
+    """Require a positive finite number (ε, σ, C, ...).
+
+    Raises:
+        DPMisconfigurationError: for zero, negative, NaN or infinite values, naming the argument.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise DPMisconfigurationError(f"{name} must be a positive finite number, got {value!r}.")
 
 
 def validate_module(module: nn.Module) -> None:
@@ -60,6 +72,12 @@ def validate_trainer(trainer: Any, precision: str) -> None:
             f"accumulate_grad_batches={trainer.accumulate_grad_batches} conflicts with DP-SGD (each accumulated batch"
             " would be a separate Poisson sample). Set the dataloader's batch_size to the logical batch size you"
             " want and DPStrategy(max_physical_batch_size=...) to what fits in memory."
+        )
+    if any(isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks):
+        raise DPMisconfigurationError(
+            "GradientAccumulationScheduler accumulates gradients over several batches, i.e. several private releases"
+            " per update, which the ledger would miscount. Remove it: set the dataloader's batch_size to the logical"
+            " batch size you want and DPStrategy(max_physical_batch_size=...) to what fits in memory."
         )
     if trainer.gradient_clip_val is not None and trainer.gradient_clip_val > 0:
         raise DPMisconfigurationError(

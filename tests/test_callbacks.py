@@ -94,9 +94,12 @@ def test_histogram_quantiles_and_clip_fraction_from_counts():
 
 
 def test_noise_has_the_declared_std():
-    h = GradNormHistogram(noise_std=2.5, seed=0)
+    from lightning_dp.randomness import TorchSource
+
+    h = GradNormHistogram(noise_std=2.5)
     counts = torch.arange(40, dtype=torch.float64)
-    draws = torch.stack([h.noised(counts, 2.5) for _ in range(1500)]) - counts
+    source = TorchSource(0)
+    draws = torch.stack([h.noised(counts, 2.5, source) for _ in range(1500)]) - counts
     std = draws.std(0)
     assert ((std - 2.5).abs() < 0.25).all(), std  # each bin within 10%
     assert draws.mean().abs() < 4 * 2.5 / math.sqrt(draws.numel())
@@ -226,7 +229,7 @@ def test_privacy_budget_stops_before_the_step_that_exceeds_it(tmp_path):
     assert budget.evaluations <= 6  # one look-ahead evaluation, then a bisection over 16 steps
     assert budget.checkpoint_path == os.path.join(tmp_path, "privacy-budget-step=7.ckpt")
     state = torch.load(budget.checkpoint_path, weights_only=False)["lightning_dp"]
-    assert state["released_steps"] == 7
+    assert state["plan"]["released_steps"] == 7
 
     # Resumed with the same budget: refuses to take another step.
     s2 = DPStrategy(noise_multiplier=1.0, target_delta=DELTA)

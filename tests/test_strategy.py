@@ -86,7 +86,7 @@ def test_target_epsilon_met_and_metrics_logged():
     assert s.planned_steps == 20 == s.ledger.steps
     assert 0.95 < s.epsilon <= 1.0
     m = t.callback_metrics
-    for key in ("dp/epsilon", "dp/noise_multiplier", "dp/sample_rate", "dp/clip_fraction"):
+    for key in ("dp/epsilon", "dp/noise_multiplier", "dp/sample_rate", "nonprivate/step_clip_fraction"):
         assert key in m
     assert m["dp/epsilon"].item() >= s.epsilon - 1e-6  # the logged value is an upper bound
     assert m["dp/sample_rate"].item() == pytest.approx(0.1)
@@ -114,7 +114,7 @@ def test_resume_continues_the_ledger(tmp_path, mode):
     trainer(first, max_epochs=2, callbacks=[_StopAt(7, path)]).fit(ClassifierModule(mlp()), loader(ds, 20))
     assert first.ledger.steps == 7
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["lightning_dp"]["ledger"]["segments"][0]["steps"] == 7
+    assert ckpt["lightning_dp"]["plan"]["ledger"]["segments"][0]["steps"] == 7
 
     resumed = DPStrategy(**kw)
     t = trainer(resumed, max_epochs=2)

@@ -24,6 +24,8 @@ from torch import Tensor
 
 from lightning_dp.callbacks._utils import require_dp_strategy, sum_over_ranks
 from lightning_dp.errors import DPMisconfigurationError
+from lightning_dp.noise import add_gaussian
+from lightning_dp.randomness import RandomSource
 
 if TYPE_CHECKING:
     from lightning_dp.strategy import DPStrategy
@@ -222,7 +224,6 @@ class GradNormHistogram(Callback):
             not be read from the data).
         class_noise_std: std of the noise on each per-class entry (default: ``noise_std``).
         label_getter: returns the label tensor of a logical batch (default: the batch's second element).
-        seed: seed of the noise generator (default: drawn from torch's global RNG at setup).
 
     Raises:
         DPMisconfigurationError: for invalid arguments, or at setup when the trainer does not use ``DPStrategy``.
@@ -246,7 +247,6 @@ class GradNormHistogram(Callback):
         num_classes: int | None = None,
         class_noise_std: float | None = None,
         label_getter: Callable[[Any], Tensor] | None = None,
-        seed: int | None = None,
     ) -> None:
         if log_every_n_steps is not None and log_every_n_steps < 0:
             raise DPMisconfigurationError(f"log_every_n_steps must be ≥ 0, got {log_every_n_steps}.")
@@ -272,9 +272,7 @@ class GradNormHistogram(Callback):
         self.num_classes = num_classes
         self.class_noise_std = float(class_noise_std) if class_noise_std is not None else self.noise_std
         self.label_getter = label_getter or _second_element
-        self.seed = seed
         self.last_release: NormHistogram | None = None
-        self._generator: torch.Generator | None = None
         self._edges: list[float] | None = None
         self._warned = False
 
@@ -307,16 +305,12 @@ class GradNormHistogram(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check the strategy, fix the bin edges and seed the noise generator."""
+        """Check the strategy and fix the bin edges."""
         if stage != "fit":
             return
         strategy = require_dp_strategy(trainer, self)
         c = strategy.max_grad_norm
         self._edges = _with_clip_edge(self.user_edges, c) if self.user_edges else geometric_edges(c, self.bins)
-        if self._generator is None:
-            self._generator = torch.Generator()
-            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-            self._generator.manual_seed(seed)
         if not self.private and not self._warned:
             self._warned = True
             rank_zero_warn(
@@ -332,13 +326,12 @@ class GradNormHistogram(Callback):
             raise RuntimeError("GradNormHistogram.edges is known once fit has set the callback up.")
         return list(self._edges)
 
-    def noised(self, values: Tensor, std: float) -> Tensor:
-        """``values`` (float64, on the CPU) plus independent N(0, std²) noise per entry, from this callback's RNG."""
-        if self._generator is None:
-            self._generator = torch.Generator()
-            self._generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-        values = values.detach().to("cpu", torch.float64)
-        return values + torch.normal(0.0, std, size=values.shape, generator=self._generator, dtype=torch.float64)
+    @staticmethod
+    def noised(values: Tensor, std: float, source: RandomSource) -> Tensor:
+        """``values`` (as float64, on the CPU) plus independent N(0, std²) noise per entry from ``source`` (the
+        strategy's ``"histogram"`` stream of the release's step: fresh OS entropy per fit, never a global RNG).
+        """
+        return add_gaussian(values.detach().to("cpu", torch.float64).clone(), std, source)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -370,8 +363,9 @@ class GradNormHistogram(Callback):
             return None
         parts = list(torch.split(summed, sizes))
         if self.private:
-            parts[0] = self.noised(parts[0], self.noise_std)
-            parts[1:] = [self.noised(p, self.class_noise_std) for p in parts[1:]]
+            source = strategy.random_source("histogram", step)
+            parts[0] = self.noised(parts[0], self.noise_std, source)
+            parts[1:] = [self.noised(p, self.class_noise_std, source) for p in parts[1:]]
         arrays = [p.double().numpy() for p in parts]
         by_class = arrays[1:] if self.num_classes is not None else [None, None, None]
         return NormHistogram(

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_dp.accounting import MechanismSegment
+from lightning_dp.budget import BudgetGuard
 from lightning_dp.callbacks._utils import require_dp_strategy
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError
 
@@ -31,7 +32,9 @@ class PrivacyBudget(Callback):
 
     ε is monotone in the number of steps, so one PRV evaluation ``lookahead`` steps ahead clears that many steps;
     near the limit a bisection finds the exact last step (about log2(``lookahead``) evaluations), and the answer is
-    cached until then.
+    cached until then (:class:`lightning_dp.budget.BudgetGuard`). Steps beyond the planned ones are checked too, and
+    the budget holds across fits and resumes (the ledger continues). ``DPStrategy(target_epsilon=...)`` enforces its
+    target with one of these.
 
     The checkpoint is written with ``trainer.save_checkpoint`` to ``dirpath`` (default: the ``ModelCheckpoint``
     callback's directory, else ``<default_root_dir>/checkpoints``), named ``filename`` with ``{step}`` replaced by
@@ -84,113 +87,95 @@ class PrivacyBudget(Callback):
         self.stopped_at_step: int | None = None
         #: The checkpoint written when stopping.
         self.checkpoint_path: str | None = None
-        self.evaluations = 0
-        self._reset()
+        self._guard: BudgetGuard | None = None
+        self._certificate: list[MechanismSegment] | None = None
 
-    def _reset(self) -> None:
-        self._safe_before = 0  # steps with index < this keep ε within budget
-        self._exceeds_at: int | None = None  # the first step index that would exceed it
-        # (ledger, next step, last recorded epoch) at the last evaluation
-        self._base: tuple[list[MechanismSegment], int, int] | None = None
-        self._last_values: dict[int, float] = {}
-        self._exceed_epsilon: float | None = None  # ε after the step at ``_exceeds_at``
+    @property
+    def evaluations(self) -> int:
+        """How many ε evaluations the budget check made."""
+        return self._guard.evaluations if self._guard is not None else 0
+
+    # ------------------------------------------------------------------ the strategy's use (target_epsilon)
+    def certify(self, events: list[MechanismSegment]) -> None:
+        """Declare the planned events that a calibration proved within budget (checked without evaluation)."""
+        self._certificate = list(events)
+        if self._guard is not None:
+            self._guard.certify(self._certificate)
+
+    def consume(self, event: MechanismSegment | None) -> None:
+        """Take an executed step's event out of the certificate."""
+        if self._guard is not None:
+            self._guard.consume(event)
+
+    def enforce(self, trainer: pl.Trainer, strategy: DPStrategy) -> None:
+        """Refuse the step about to run if it exceeds the budget (the trainer ignored ``should_stop``).
+
+        Raises:
+            PrivacyTargetError: naming the step, the budget and why the trainer went on.
+        """
+        nxt = strategy.last_release_step + 1
+        if not self._allowed(strategy, nxt):
+            raise PrivacyTargetError(
+                f"PrivacyBudget: step {nxt} would push ε past max_epsilon={self.max_epsilon} at"
+                f" δ={self._delta(strategy):g}, but the trainer kept training after `should_stop` was set"
+                " (min_epochs or min_steps not met?). Lower min_epochs/min_steps or raise the budget."
+            )
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check that the trainer uses ``DPStrategy``."""
-        if stage == "fit":
-            require_dp_strategy(trainer, self)
+        """Check that the trainer uses ``DPStrategy`` and set up the budget check."""
+        if stage != "fit":
+            return
+        strategy = require_dp_strategy(trainer, self)
+        delta = self._delta(strategy)
+        if self._guard is None or self._guard.delta != delta:
+            self._guard = BudgetGuard(self.max_epsilon, delta, self.lookahead)
+            if self._certificate is not None:
+                self._guard.certify(self._certificate)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refuse to start when the first step (after a resume: the next one) would already exceed the budget."""
-        self._reset()
+        """Refuse to start when the first step (after a resume or an earlier fit: the next one) would exceed the
+        budget. The ledger persists across fits, so the budget holds across them.
+        """
         strategy = require_dp_strategy(trainer, self)
         nxt = strategy.last_release_step + 1
-        if self._has_step(strategy, nxt) and not self._allowed(strategy, nxt):
+        if not self._allowed(strategy, nxt):
             self._stop(trainer, strategy, nxt, save=False)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """Refuse a step that exceeds the budget when the trainer did not honour ``should_stop``."""
-        strategy = require_dp_strategy(trainer, self)
-        nxt = strategy.last_release_step + 1
-        if self._exceeds_at is not None and nxt >= self._exceeds_at:
-            raise PrivacyTargetError(
-                f"PrivacyBudget: step {nxt} would push ε past max_epsilon={self.max_epsilon} at"
-                f" δ={self._delta(strategy):g}, but the trainer kept training after `should_stop` was set"
-                " (min_epochs or min_steps not met?)."
-                " Lower min_epochs/min_steps or raise max_epsilon."
-            )
+        self.enforce(trainer, require_dp_strategy(trainer, self))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Stop before the next step if it would exceed the budget."""
+        """Stop before the next step if it would exceed the budget (unless the trainer stops here anyway)."""
         strategy = require_dp_strategy(trainer, self)
         nxt = strategy.last_release_step + 1
-        if self._has_step(strategy, nxt) and not self._allowed(strategy, nxt):
+        if _stops_anyway(trainer):
+            return
+        if not self._allowed(strategy, nxt):
             self._stop(trainer, strategy, nxt, save=self.save_checkpoint)
 
     # ------------------------------------------------------------------ internals
     def _delta(self, strategy: DPStrategy) -> float:
         return self.delta if self.delta is not None else strategy.delta
 
-    @staticmethod
-    def _has_step(strategy: DPStrategy, step: int) -> bool:
-        planned = strategy.planned_steps
-        return planned is None or step < planned
-
-    def _segments(
-        self, strategy: DPStrategy, start: int, count: int, recorded: int | None = None
-    ) -> list[MechanismSegment]:
-        """The ledger segments steps ``start .. start + count - 1`` will record (as the strategy records them).
-
-        ``recorded``: in shuffle mode, the last epoch already in the ledger (default: the strategy's current one).
-        """
-        return strategy.planned_segments(start, count, recorded)
-
-    def _epsilon_after(self, strategy: DPStrategy, start: int, count: int) -> float:
-        self.evaluations += 1
-        return strategy.ledger.epsilon(self._delta(strategy), extra=self._segments(strategy, start, count))
-
     def _allowed(self, strategy: DPStrategy, step: int) -> bool:
-        """Whether taking step ``step`` (the next one) keeps ε within the budget; cached between evaluations."""
-        if self._base is not None:
-            base, start, recorded = self._base
-            expected = _totals(base + self._segments(strategy, start, step - start, recorded))
-            if _totals(strategy.ledger.segments) != expected:  # something else recorded releases: re-evaluate
-                self._safe_before, self._exceeds_at = 0, None
-        if self._exceeds_at is not None and step >= self._exceeds_at:
-            return False
-        if step < self._safe_before:
-            return True
-        self._base = (strategy.ledger.segments, step, strategy.last_recorded_epoch)
-        ahead = self.lookahead
-        if strategy.planned_steps is not None:
-            ahead = max(1, min(ahead, strategy.planned_steps - step))
-        self._last_values = {ahead: self._epsilon_after(strategy, step, ahead)}
-        if self._last_values[ahead] <= self.max_epsilon:
-            self._safe_before = step + ahead
-            return True
-        # ε(after `ok` more steps) ≤ max < ε(after `bad` more steps): bisect for the last step within budget.
-        ok, bad = 0, ahead
-        while bad - ok > 1:
-            mid = (ok + bad) // 2
-            self._last_values[mid] = self._epsilon_after(strategy, step, mid)
-            if self._last_values[mid] <= self.max_epsilon:
-                ok = mid
-            else:
-                bad = mid
-        self._safe_before = self._exceeds_at = step + ok
-        self._exceed_epsilon = self._last_values[bad]
-        return ok > 0
+        """Whether taking step ``step`` (the next one) keeps ε within the budget (also beyond the planned steps)."""
+        if self._guard is None:
+            self._guard = BudgetGuard(self.max_epsilon, self._delta(strategy), self.lookahead)
+        return self._guard.allowed(strategy.ledger, step, strategy.planned_segments)
 
     def _stop(self, trainer: pl.Trainer, strategy: DPStrategy, step: int, save: bool) -> None:
+        if self.stopped_at_step == step and trainer.should_stop:
+            return
         trainer.should_stop = True
         self.stopped_at_step = step
         delta = self._delta(strategy)
-        over = self._exceed_epsilon
+        over = self._guard.exceed_epsilon if self._guard is not None else None
         to = f"to {over:.4g}, " if over is not None else ""
         reason = (
             f"PrivacyBudget: stopping after {step} steps: step {step} would raise ε at δ={delta:g} {to}past"
@@ -211,11 +196,12 @@ class PrivacyBudget(Callback):
         return os.path.join(trainer.default_root_dir, "checkpoints")
 
 
-def _totals(segments: list[MechanismSegment]) -> dict[tuple[float, float], int]:
-    """Steps per (σ, q): all that ε depends on."""
-    out: dict[tuple[float, float], int] = {}
-    for seg in segments:
-        if seg.steps:
-            key = (seg.noise_multiplier, seg.sample_rate)
-            out[key] = out.get(key, 0) + seg.steps
-    return out
+def _stops_anyway(trainer: pl.Trainer) -> bool:
+    """Whether the trainer ends the fit after the current batch by its own limits (``max_steps``, ``max_epochs``)."""
+    if 0 <= trainer.max_steps <= trainer.global_step:
+        return True
+    epoch_loop = trainer.fit_loop.epoch_loop
+    last_batch = epoch_loop.batch_progress.is_last_batch or (
+        epoch_loop.batch_progress.current.ready >= trainer.num_training_batches
+    )
+    return bool(last_batch and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1)

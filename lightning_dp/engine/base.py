@@ -133,6 +133,15 @@ class ClippingEngine:
     def _clip_and_accumulate(self, max_grad_norm: float, clipping: ClippingMode, stability: float) -> Tensor:
         raise NotImplementedError
 
+    def probe_norms(self) -> Tensor:
+        """The per-sample norms of the captured micro-batch, adding nothing to the running sum (TEMPORARY)."""
+        saved, check = self._summed, self.check_against_autograd
+        self._summed = {}
+        try:
+            return self.clip_and_accumulate(1.0, "flat")
+        finally:
+            self._summed, self.check_against_autograd = saved, check
+
     def pop_summed(self) -> dict[nn.Parameter, Tensor]:
         """The clipped sum over all micro-batches since the last call (fp32; zeros for parameters with no
         gradient), and reset it.

@@ -1,0 +1,278 @@
+"""Batch selection: how each step's examples are chosen, paired with the ledger event that choice implies.
+
+As JAX Privacy's batch-selection objects, each selection owns both its sampler and its accounting rule, so the
+strategy never branches on the sampling mode:
+
+- :class:`PoissonSelection` (the default): every example is in each step independently with probability q; each
+  step is one Poisson-subsampled Gaussian release (σ, q).
+- :class:`ShuffleSelection` (explicit opt-out only): fixed-size batches of a random permutation. No amplification
+  is claimed: a pass over a permutation uses each example at most once, so it is charged as one Gaussian release
+  with sensitivity 2C (replace-one adjacency: the ledger records σ/2 at q = 1) at the smallest σ of the pass. Every
+  new permutation — every epoch, and every resume — is a new pass and is charged again.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.utils.data import Sampler
+
+from lightning_dp.accounting import MechanismSegment, calibrate_noise_multiplier
+from lightning_dp.errors import DPMisconfigurationError
+from lightning_dp.sampling import PoissonBatchSampler, ShuffleBatchSampler, SourceOf
+
+#: ``step -> the noise multiplier of everything released from that step's batch`` (σ combined with the
+#: multipliers of the statistics that callbacks release from the same batch).
+MultiplierOf = Callable[[int], float]
+#: ``step -> the multipliers of the statistics released from that step's batch besides the gradient``.
+ExtrasOf = Callable[[int], tuple[float, ...]]
+
+
+class BatchSelection(ABC):
+    """How a step's batch is selected, and what the ledger records for it.
+
+    A selection is bound to the data once per fit (:meth:`bind`), builds the per-rank batch sampler
+    (:meth:`batch_sampler`), and answers the accounting questions: the event an executed step records
+    (:meth:`step_event`), the events a range of future steps will record (:meth:`planned_events`), and the σ that
+    makes a range of steps meet a target ε (:meth:`calibrate`).
+    """
+
+    #: the name used in checkpoints and messages
+    name: ClassVar[str]
+    #: whether the accounting credits amplification by subsampling
+    amplifies: ClassVar[bool]
+
+    def __init__(self) -> None:
+        self.num_samples = 0
+        self.batch_size = 0
+        self.num_replicas = 1
+        self.rank = 0
+        #: steps an epoch actually runs (after ``limit_train_batches``), set by the plan
+        self.epoch_steps = 0
+
+    def bind(self, num_samples: int, batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        """Bind to a training set of ``num_samples`` examples and a per-rank ``batch_size``.
+
+        Raises:
+            DPMisconfigurationError: if the logical batch exceeds the dataset.
+        """
+        expected = batch_size * num_replicas
+        if num_samples <= 0 or batch_size <= 0:
+            raise DPMisconfigurationError(
+                f"Need a non-empty training set and batch size, got N={num_samples}, B={expected}."
+            )
+        if expected > num_samples:
+            raise DPMisconfigurationError(f"The logical batch size {expected} exceeds the dataset size {num_samples}.")
+        self.num_samples, self.batch_size = int(num_samples), int(batch_size)
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.epoch_steps = self.steps_per_epoch
+
+    @property
+    def expected_batch_size(self) -> int:
+        """B: the expected logical batch over all ranks (per-rank ``batch_size`` × ranks)."""
+        return self.batch_size * self.num_replicas
+
+    @property
+    def sample_rate(self) -> float:
+        """The sampling probability q = B/N."""
+        return self.expected_batch_size / self.num_samples
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of one full epoch: ⌈N/B⌉."""
+        return math.ceil(self.num_samples / self.expected_batch_size)
+
+    def announce(self) -> None:  # noqa: B027  (a hook: most selections have nothing to say)
+        """Say once per fit what this selection means for the guarantee (a warning for weaker schemes)."""
+
+    @abstractmethod
+    def batch_sampler(self, source_of: SourceOf, position: Callable[[], int]) -> Sampler[list[int]]:
+        """Build this rank's batch sampler.
+
+        ``source_of(step, rank)`` gives each step's randomness and ``position()`` the global index of the next step.
+        """
+
+    @abstractmethod
+    def step_event(self, step: int, multiplier_of: MultiplierOf) -> MechanismSegment | None:
+        """The ledger event of executing step ``step`` now (None when the step is covered by an earlier event)."""
+
+    @abstractmethod
+    def planned_events(self, start: int, count: int, multiplier_of: MultiplierOf) -> list[MechanismSegment]:
+        """The events steps ``start .. start + count - 1`` will record, if they run as planned (an upper bound:
+        never fewer or weaker events than :meth:`step_event` will record).
+        """
+
+    @abstractmethod
+    def calibrate(
+        self,
+        target_epsilon: float,
+        delta: float,
+        start: int,
+        count: int,
+        prior: Sequence[MechanismSegment],
+        extras_of: ExtrasOf,
+    ) -> float:
+        """The smallest σ for which ``prior`` plus steps ``start .. start + count - 1`` (at σ, with the extra
+        releases ``extras_of(step)``) stay within ``target_epsilon`` at ``delta``.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint records about the selection (no seeds: nothing to rebuild batches from)."""
+        return {"name": self.name}
+
+
+class PoissonSelection(BatchSelection):
+    """Poisson sampling: each example joins each step's batch independently with probability q = B/N.
+
+    Example:
+        >>> sel = PoissonSelection()
+        >>> sel.bind(num_samples=1000, batch_size=50)
+        >>> sel.sample_rate, sel.steps_per_epoch
+        (0.05, 20)
+    """
+
+    name = "poisson"
+    amplifies = True
+
+    def batch_sampler(self, source_of: SourceOf, position: Callable[[], int]) -> Sampler[list[int]]:
+        """See :meth:`BatchSelection.batch_sampler`."""
+        return PoissonBatchSampler(
+            self.num_samples,
+            self.sample_rate,
+            self.steps_per_epoch,
+            self.num_replicas,
+            self.rank,
+            source_of=source_of,
+            position=position,
+        )
+
+    def step_event(self, step: int, multiplier_of: MultiplierOf) -> MechanismSegment:
+        """One subsampled Gaussian release per step, empty batches included."""
+        return MechanismSegment(multiplier_of(step), self.sample_rate, 1)
+
+    def planned_events(self, start: int, count: int, multiplier_of: MultiplierOf) -> list[MechanismSegment]:
+        """One event per step, grouped by noise multiplier."""
+        per_sigma: dict[float, int] = {}
+        for step in range(start, start + count):
+            sigma = multiplier_of(step)
+            per_sigma[sigma] = per_sigma.get(sigma, 0) + 1
+        return [MechanismSegment(s, self.sample_rate, n) for s, n in per_sigma.items()]
+
+    def calibrate(
+        self,
+        target_epsilon: float,
+        delta: float,
+        start: int,
+        count: int,
+        prior: Sequence[MechanismSegment],
+        extras_of: ExtrasOf,
+    ) -> float:
+        """See :meth:`BatchSelection.calibrate`."""
+        plan: dict[tuple[float, ...], int] = {}
+        for step in range(start, start + count):
+            extra = extras_of(step)
+            if extra:
+                plan[extra] = plan.get(extra, 0) + 1
+        return calibrate_noise_multiplier(
+            target_epsilon, delta, self.sample_rate, count, prior=prior, joint_noise=plan or None
+        )
+
+
+class ShuffleSelection(BatchSelection):
+    """Shuffled fixed-size batches, without amplification by subsampling (an explicit opt-out, with a warning).
+
+    Each pass over a fresh permutation is recorded as one Gaussian release with sensitivity 2C at the smallest noise
+    multiplier of the pass (σ/2 at q = 1 in the ledger), when its first step runs.
+    """
+
+    name = "shuffle"
+    amplifies = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sampler: ShuffleBatchSampler | None = None
+        self._recorded_passes = 0
+
+    @property
+    def sample_rate(self) -> float:
+        """1.0: no amplification is claimed (B/N is not a sampling probability here)."""
+        return 1.0
+
+    def announce(self) -> None:
+        """Warn that the guarantee is much weaker than with Poisson sampling."""
+        rank_zero_warn(
+            "DPStrategy(poisson_sampling=False): batches are shuffled, not Poisson-sampled, so the ledger claims no"
+            " amplification by subsampling. ε is that of one Gaussian release with sensitivity 2C (replace-one"
+            " adjacency) per pass over the data (every epoch, and every resume), far larger than a Poisson-sampled"
+            " run's. Use Poisson sampling for the usual DP-SGD guarantee."
+        )
+
+    def batch_sampler(self, source_of: SourceOf, position: Callable[[], int]) -> Sampler[list[int]]:
+        """See :meth:`BatchSelection.batch_sampler`."""
+        self._sampler = ShuffleBatchSampler(
+            self.num_samples, self.batch_size, self.num_replicas, self.rank, source_of=source_of, position=position
+        )
+        self._recorded_passes = 0
+        return self._sampler
+
+    def _pass_multiplier(self, start: int, end: int, multiplier_of: MultiplierOf) -> float:
+        # sensitivity 2C: the ledger's multiplier is half the smallest σ of the pass
+        return min(multiplier_of(k) for k in range(start, max(end, start + 1))) / 2.0
+
+    def step_event(self, step: int, multiplier_of: MultiplierOf) -> MechanismSegment | None:
+        """The pass's release at the first step of each new pass; None for the pass's later steps."""
+        sampler = self._sampler
+        if sampler is None:
+            raise RuntimeError("ShuffleSelection.step_event called before its batch sampler was built.")
+        if sampler.passes <= self._recorded_passes:
+            return None
+        self._recorded_passes = sampler.passes
+        end = sampler.pass_start + min(len(sampler), self.epoch_steps or len(sampler))
+        return MechanismSegment(self._pass_multiplier(step, end, multiplier_of), 1.0, 1)
+
+    def _pass_starts(self, start: int, count: int) -> list[int]:
+        """The first steps of the passes that steps ``start .. start + count - 1`` belong to and that are not yet
+        recorded (a pass per ``epoch_steps`` steps; the running pass if already recorded is skipped).
+        """
+        length = max(1, self.epoch_steps or self.steps_per_epoch)
+        sampler = self._sampler
+        first = start
+        if sampler is not None and sampler.passes > 0 and sampler.passes <= self._recorded_passes:
+            first = max(start, sampler.pass_start + length)
+        return list(range(first, start + count, length))
+
+    def planned_events(self, start: int, count: int, multiplier_of: MultiplierOf) -> list[MechanismSegment]:
+        """One release per pass beginning in the range."""
+        length = max(1, self.epoch_steps or self.steps_per_epoch)
+        return [
+            MechanismSegment(self._pass_multiplier(s, s + length, multiplier_of), 1.0, 1)
+            for s in self._pass_starts(start, count)
+        ]
+
+    def calibrate(
+        self,
+        target_epsilon: float,
+        delta: float,
+        start: int,
+        count: int,
+        prior: Sequence[MechanismSegment],
+        extras_of: ExtrasOf,
+    ) -> float:
+        """σ such that one release per planned pass (σ/2 combined with the worst step's extras) meets the target."""
+        passes = max(1, len(self._pass_starts(start, count)))
+        worst = max((extras_of(k) for k in range(start, start + count)), key=lambda x: sum(s**-2 for s in x))
+        halved = tuple(x / 2.0 for x in worst)
+        return 2.0 * calibrate_noise_multiplier(
+            target_epsilon, delta, 1.0, passes, prior=prior, joint_noise={halved: passes} if halved else None
+        )
+
+
+#: Batch selections by name.
+SELECTIONS: dict[str, type[BatchSelection]] = {"poisson": PoissonSelection, "shuffle": ShuffleSelection}
+
+
+__all__ = ["SELECTIONS", "BatchSelection", "PoissonSelection", "ShuffleSelection"]

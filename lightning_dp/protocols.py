@@ -1,0 +1,37 @@
+"""Protocols between the strategy and callbacks: what a callback implements to take part in the accounting.
+
+The strategy finds callbacks that implement them with ``isinstance`` (``typing.runtime_checkable``), so any object
+with the right method takes part; no base class is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class ReleasesNoise(Protocol):
+    """A callback that releases noised statistics of a step's private batch (e.g. a private norm histogram).
+
+    The strategy records each step once, with the combined multiplier (σ⁻² + Σ σ_j⁻²)^(-1/2) of the gradient and
+    these releases (one Gaussian mechanism, subsampled once), and calibrates σ for them under ``target_epsilon``.
+    """
+
+    def dp_release_noise(self, strategy: Any, step: int) -> Sequence[float]:
+        """For each release made from step ``step``'s batch: its noise std divided by its L2 sensitivity to one
+        example. It must depend on ``step`` only (not on data), so that calibration can plan for it.
+        """
+        ...
+
+
+@runtime_checkable
+class SplitsBudget(Protocol):
+    """A callback that splits ``target_epsilon`` into phases with their own σ (e.g. linear probing, fine-tuning)."""
+
+    def dp_budget_phases(self, strategy: Any, planned_steps: int) -> Sequence[tuple[int, float]]:
+        """``[(end_step, cumulative share of target_epsilon), ...]``, ending at ``(planned_steps, 1.0)``."""
+        ...
+
+
+__all__ = ["ReleasesNoise", "SplitsBudget"]
