@@ -477,16 +477,19 @@ class DPStrategy(DDPStrategy):
 
     def _plan_fit(self, trainer: pl.Trainer, epoch_steps: int) -> None:
         """Fix the plan of this fit (calibrating σ for ``target_epsilon``) before any callback asks for it."""
-        run = self._run
-        trainer_step = self._plan.released_steps - run.step_offset
-        current_epoch = max(run.epoch, 0)
+        run, taken = self._run, self._plan.released_steps
+        trainer_step = taken - run.step_offset
+        # The trainer's progress, unless a checkpoint's is still to be restored (the loader was built early, e.g. by
+        # `estimated_stepping_batches` in configure_optimizers): then the run's own record of it.
+        restored = trainer.global_step == trainer_step
+        current_epoch = trainer.current_epoch if restored else max(run.epoch, 0)
         planned = planned_total_steps(
             epoch_steps,
             trainer.max_epochs,
             trainer.max_steps,
             global_step=trainer_step,
             current_epoch=current_epoch,
-            done_in_epoch=run.done_in_epoch(current_epoch, self._plan.released_steps),
+            done_in_epoch=run.done_in_epoch(current_epoch, taken),
         )
         planned = None if planned is None else planned + run.step_offset
         self._plan.selection.epoch_steps = epoch_steps

@@ -307,7 +307,12 @@ def _fit_vit(engine_name, steps=2):
     g = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.randn(48, 3, 16, 16, generator=g), torch.randint(0, 3, (48,), generator=g))
     strategy = DPStrategy(
-        noise_multiplier=0.5, max_grad_norm=0.1, max_physical_batch_size=5, sampling_seed=3, engine=engine_name
+        noise_multiplier=0.5,
+        max_grad_norm=0.1,
+        max_physical_batch_size=5,
+        sampling_seed=3,
+        noise_seed=4,
+        engine=engine_name,
     )
     trainer(strategy, max_steps=steps).fit(model, DataLoader(ds, batch_size=12, shuffle=True))
     return model, strategy
