@@ -177,7 +177,13 @@ class EpsilonMeter:
         self._bounds.append(_Bound(valid_through, value, None))
 
     def value(
-        self, steps_done: int, ledger: PrivacyLedger, delta: float, planned: PlannedEvents, horizon: int
+        self,
+        steps_done: int,
+        ledger: PrivacyLedger,
+        delta: float,
+        planned: PlannedEvents,
+        horizon: int,
+        pending: Sequence[MechanismSegment] = (),
     ) -> float:
         """An upper bound on ε after ``steps_done`` steps.
 
@@ -187,8 +193,10 @@ class EpsilonMeter:
             delta: δ.
             planned: the events of future steps.
             horizon: the most steps a refresh looks ahead (e.g. the rest of the plan: beyond it, a bound is loose).
+            pending: events of steps counted in ``steps_done`` but not yet in the ledger.
         """
-        now_totals = totals(ledger.segments)
+        pending = list(pending)
+        now_totals = totals(ledger.segments + pending)
         valid = [b for b in self._bounds if b.holds(steps_done, now_totals)]
         now = self.clock()
         elapsed = now - self._t0
@@ -199,14 +207,14 @@ class EpsilonMeter:
         step_time = max(elapsed - self.spent, 1e-9) / steps
         ahead = horizon if self.refreshes == 0 else min(horizon, math.ceil(self._cost / (self.budget * step_time)))
         ahead = max(1, ahead)
-        extra = planned(steps_done, ahead)
+        extra = pending + planned(steps_done, ahead)
         value = ledger.epsilon(delta, extra=extra)
         cost = self.clock() - now
         self.spent += cost
         self._cost = cost
         self.refreshes += 1
         self._bounds = [b for b in valid if b.value < value] + [
-            _Bound(steps_done + ahead, value, now_totals + totals(extra))
+            _Bound(steps_done + ahead, value, totals(ledger.segments + extra))
         ]
         return min(b.value for b in self._bounds)
 

@@ -22,7 +22,7 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import Tensor, nn
 
 from lightning_dp.errors import DPMisconfigurationError
-from lightning_dp.sampling import slice_batch
+from lightning_dp.sampling import batch_size_of, slice_batch
 
 #: how many examples of the batch the probe uses
 PROBE_EXAMPLES = 4
@@ -125,7 +125,7 @@ def find_sample_mixing(
     where = "in the loss computed by training_step (no module's output mixes them)"
     for (name, a), (_, b) in zip(*outputs):
         if _differ(a[1:], b[1:], rtol):
-            where = f"first in module '{name or '<root>'}'"
+            where = f"first visible at the output of module '{name or '<root>'}'"
             break
     raise SampleMixingError(
         "Examples are mixed in the forward pass: changing one example changed the per-sample gradients of the others"
@@ -137,4 +137,51 @@ def find_sample_mixing(
     )
 
 
-__all__ = ["PROBE_EXAMPLES", "SampleMixingError", "alter_first_example", "find_sample_mixing"]
+class _logging_suppressed:
+    """Silence ``self.log`` / ``self.log_dict`` of a LightningModule while the probe runs its training_step."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.module.log = _no_log  # type: ignore[method-assign]
+        self.module.log_dict = _no_log  # type: ignore[method-assign]
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.module.log
+        del self.module.log_dict
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def probe_training_step(module: nn.Module, engine: Any, loss_of_batch: Callable[[Any], Tensor], batch: Any) -> bool:
+    """Run :func:`find_sample_mixing` on ``batch`` through the user's step, if it holds at least two examples.
+
+    Args:
+        module: the LightningModule.
+        engine: the per-sample clipping engine (``capture`` / ``probe_norms``).
+        loss_of_batch: runs the user's ``training_step`` on a batch and returns its loss.
+        batch: the logical batch of the step about to run.
+
+    Returns:
+        Whether the check ran (a batch of one example cannot mix examples: the check then waits).
+
+    Raises:
+        SampleMixingError: see :func:`find_sample_mixing`.
+    """
+    size = batch_size_of(batch)
+    if size < 2:
+        return False
+
+    def norms_of(probe: Any, m: int) -> Tensor:
+        with _logging_suppressed(module), engine.capture(m):
+            loss_of_batch(probe).backward()
+        return engine.probe_norms()
+
+    find_sample_mixing(module, norms_of, batch, size)
+    return True
+
+
+__all__ = ["PROBE_EXAMPLES", "SampleMixingError", "alter_first_example", "find_sample_mixing", "probe_training_step"]

@@ -34,4 +34,25 @@ class SplitsBudget(Protocol):
         ...
 
 
-__all__ = ["ReleasesNoise", "SplitsBudget"]
+def declared_releases(callbacks: Sequence[Any], strategy: Any, step: int) -> tuple[float, ...]:
+    """The noise multipliers of everything ``callbacks`` release from step ``step``'s batch, sorted."""
+    extra = [float(x) for cb in callbacks if isinstance(cb, ReleasesNoise) for x in cb.dp_release_noise(strategy, step)]
+    return tuple(sorted(extra))
+
+
+def declared_phases(callbacks: Sequence[Any], strategy: Any, planned_steps: int) -> list[tuple[int, float]]:
+    """The budget phases declared by at most one of ``callbacks``.
+
+    Raises:
+        DPMisconfigurationError: if more than one callback splits the budget.
+    """
+    from lightning_dp.errors import DPMisconfigurationError
+
+    phases = [list(cb.dp_budget_phases(strategy, planned_steps)) for cb in callbacks if isinstance(cb, SplitsBudget)]
+    phases = [p for p in phases if p]
+    if len(phases) > 1:
+        raise DPMisconfigurationError("Only one callback may split the privacy budget into phases.")
+    return phases[0] if phases else []
+
+
+__all__ = ["ReleasesNoise", "SplitsBudget", "declared_phases", "declared_releases"]

@@ -2,8 +2,9 @@
 
 Only Lightning glue lives here. The privacy core is Lightning-free: :mod:`lightning_dp.plan` (q, planned steps, σ
 schedule, calibration, ledger), :mod:`lightning_dp.batch_selection` (samplers and the ledger event each implies),
-:mod:`lightning_dp.budget` (budget guard, ε meter), :mod:`lightning_dp.journal` (executed steps on disk),
-:mod:`lightning_dp.randomness` (seeds), :mod:`lightning_dp.noise` (noise) and :mod:`lightning_dp.engine` (per-sample
+:mod:`lightning_dp.budget` (budget guard, ε meter), :mod:`lightning_dp.checkpointing` and :mod:`lightning_dp.journal`
+(executed steps on disk, resume checks), :mod:`lightning_dp.randomness` (seeds), :mod:`lightning_dp.noise` (noise),
+:mod:`lightning_dp.guards` and :mod:`lightning_dp.probe` (invariants) and :mod:`lightning_dp.engine` (per-sample
 clipping). One logical step runs as named stages::
 
     micro-batches → clip (engine) → reduce + noise (one flat buffer) → record (ledger, journal) → write gradients
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper, _distributed_is_initialized
+from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
@@ -32,28 +33,36 @@ from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batch
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_dp.accounting import MechanismSegment, PrivacyLedger
 from lightning_dp.budget import EpsilonMeter
 from lightning_dp.checkpointing import RunState, restore_run
-from lightning_dp.clipping import CLIPPING_MODES, ClippingMode, sensitivity
+from lightning_dp.clipping import ClippingMode, sensitivity
 from lightning_dp.engine import build_engine
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError
+from lightning_dp.guards import OneTrainerOnly, check_gradients_written, refuse_accumulation, trainable_set_changed
 from lightning_dp.noise import privatize
 from lightning_dp.plan import DEFAULT_DELTA, PrivacyPlan, planned_total_steps, selection_for
-from lightning_dp.probe import find_sample_mixing
-from lightning_dp.protocols import ReleasesNoise, SplitsBudget
+from lightning_dp.probe import probe_training_step
+from lightning_dp.protocols import declared_phases, declared_releases
 from lightning_dp.randomness import RandomSource, RandomStreams
+from lightning_dp.reporting import log_final, log_step, step_metrics
 from lightning_dp.sampling import EmptyBatchCollate, split_batch
-from lightning_dp.validation import validate_module, validate_optimizers, validate_trainer, validate_value
+from lightning_dp.validation import (
+    loss_of,
+    validate_module,
+    validate_optimizers,
+    validate_options,
+    validate_trainer,
+    validate_training_loader,
+)
 
 _STATE_KEY = "lightning_dp"
 
 
-class DPStrategy(DDPStrategy):
+class DPStrategy(OneTrainerOnly, DDPStrategy):
     """Differentially private training: per-sample clipping, Gaussian noise, Poisson sampling, PRV accounting.
 
     The train dataloader's ``batch_size`` is the *expected logical batch size* B; each example is included in each
@@ -141,7 +150,6 @@ class DPStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
-        self._trainer_bound = False
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -152,21 +160,15 @@ class DPStrategy(DDPStrategy):
             timeout=timeout,
             start_method="popen",
         )
-        validate_value("max_grad_norm", max_grad_norm)
-        if max_physical_batch_size is not None and max_physical_batch_size < 1:
-            raise DPMisconfigurationError(f"max_physical_batch_size must be ≥ 1, got {max_physical_batch_size}.")
-        if loss_reduction not in ("mean", "sum"):
-            raise DPMisconfigurationError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
-        if clipping not in CLIPPING_MODES:
-            raise DPMisconfigurationError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}.")
-        if nonfinite not in ("skip", "error"):
-            raise DPMisconfigurationError(f"nonfinite must be 'skip' or 'error', got {nonfinite!r}.")
-        if resume_policy not in ("strict", "account_forks", "trust_checkpoint"):
-            raise DPMisconfigurationError(
-                f"resume_policy must be 'strict', 'account_forks' or 'trust_checkpoint', got {resume_policy!r}."
-            )
-        if epsilon_refresh_steps is not None and epsilon_refresh_steps < 1:
-            raise DPMisconfigurationError(f"epsilon_refresh_steps must be ≥ 1, got {epsilon_refresh_steps}.")
+        validate_options(
+            max_grad_norm,
+            max_physical_batch_size,
+            loss_reduction,
+            clipping,
+            nonfinite,
+            resume_policy,
+            epsilon_refresh_steps,
+        )
         self.target_epsilon = target_epsilon
         self.target_delta = target_delta
         self.max_grad_norm = float(max_grad_norm)
@@ -202,32 +204,6 @@ class DPStrategy(DDPStrategy):
         self._restored_from_checkpoint = False
         #: per parameter, a 0/1 mask of the coordinates per-sample clipping sees (set by sparse fine-tuning)
         self.grad_masks: dict[torch.nn.Parameter, Tensor] = {}
-
-    # ------------------------------------------------------------------ one Trainer per strategy
-    @property
-    def _accelerator(self) -> Any:
-        # Read by Lightning's accelerator connector only when a Trainer is built with this strategy.
-        if self._trainer_bound:
-            raise DPMisconfigurationError(
-                "This DPStrategy object already belongs to another Trainer. A strategy holds its Trainer's devices,"
-                " precision and privacy run; create a new DPStrategy(...) for each Trainer. To continue a private run"
-                " in a new Trainer, pass ckpt_path=... to fit (the ledger and journal continue from the checkpoint)."
-            )
-        return self.__dict__.get("_user_accelerator")
-
-    @_accelerator.setter
-    def _accelerator(self, value: Any) -> None:
-        self.__dict__["_user_accelerator"] = value
-
-    @property
-    def accelerator(self) -> Any:
-        """The accelerator of the Trainer this strategy belongs to."""
-        return self.__dict__.get("_bound_accelerator", self.__dict__.get("_user_accelerator"))
-
-    @accelerator.setter
-    def accelerator(self, accelerator: Any) -> None:
-        self.__dict__["_bound_accelerator"] = accelerator
-        self._trainer_bound = True
 
     # ------------------------------------------------------------------ public state
     @property
@@ -428,7 +404,7 @@ class DPStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None or trainer.state.stage != RunningStage.TRAINING:
             return dataloader
-        dataset, batch_size = _check_training_loader(dataloader)
+        dataset, batch_size = validate_training_loader(dataloader)
         self._plan.bind(len(dataset), batch_size, self.world_size, self.global_rank)
         sampler = self._plan.selection.batch_sampler(self._sampling_source, lambda: self._plan.released_steps)
         if not self._planned_this_fit:
@@ -456,24 +432,10 @@ class DPStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ planning (once per fit)
     def _extras_of(self, step: int) -> tuple[float, ...]:
-        """The noise multipliers of what callbacks release from step ``step``'s batch (``ReleasesNoise``)."""
-        trainer = self.lightning_module.trainer
-        extra = [
-            float(x)
-            for cb in trainer.callbacks
-            if isinstance(cb, ReleasesNoise)
-            for x in cb.dp_release_noise(self, step)
-        ]
-        return tuple(sorted(extra))
+        return declared_releases(self.lightning_module.trainer.callbacks, self, step)
 
     def _phases_of(self, planned: int) -> list[tuple[int, float]]:
-        """Budget phases declared by at most one callback (``SplitsBudget``)."""
-        splitters = [cb for cb in self.lightning_module.trainer.callbacks if isinstance(cb, SplitsBudget)]
-        phases = [list(cb.dp_budget_phases(self, planned)) for cb in splitters]
-        phases = [p for p in phases if p]
-        if len(phases) > 1:
-            raise DPMisconfigurationError("Only one callback may split the privacy budget into phases.")
-        return phases[0] if phases else []
+        return declared_phases(self.lightning_module.trainer.callbacks, self, planned)
 
     def _plan_fit(self, trainer: pl.Trainer, epoch_steps: int) -> None:
         """Fix the plan of this fit (calibrating σ for ``target_epsilon``) before any callback asks for it."""
@@ -556,27 +518,17 @@ class DPStrategy(DDPStrategy):
     # ------------------------------------------------------------------ the private step
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Before each step: refuse gradient accumulation, follow changes of the trainable set, enforce the budget."""
+        """Before each step: refuse gradient accumulation, enforce the budget, follow the trainable set."""
         trainer = self.lightning_module.trainer
-        if trainer.accumulate_grad_batches != 1:
-            raise DPMisconfigurationError(
-                f"Gradient accumulation (accumulate_grad_batches={trainer.accumulate_grad_batches}, e.g. set by"
-                " GradientAccumulationScheduler) would apply several releases in one update and miscount them. Use"
-                " a larger dataloader batch_size and DPStrategy(max_physical_batch_size=...) instead."
-            )
+        refuse_accumulation(trainer)
         if self._stopped_reason is not None:
             raise PrivacyTargetError(f"DPStrategy: no step may run: {self._stopped_reason}")
         if self._budget is not None:
             self._budget.enforce(trainer, self)
-        current = [p for p in dict.fromkeys(self.lightning_module.parameters()) if p.requires_grad]
-        if (
-            self._engine is None
-            or current != self._engine.params
-            or self._engine.grad_masks.keys() != {p for p in self.grad_masks if p.requires_grad}
-        ):
+        if trainable_set_changed(self.lightning_module, self._engine, self.grad_masks):
             rank_zero_info(
-                f"lightning_dp: the trainable parameters changed ({len(current)} tensors trainable); rebuilding the"
-                " per-sample gradient engine so that every trainable parameter is clipped and noised."
+                "lightning_dp: the trainable parameters changed; rebuilding the per-sample gradient engine so that"
+                " every trainable parameter is clipped and noised."
             )
             self.refresh_trainable()
 
@@ -586,12 +538,14 @@ class DPStrategy(DDPStrategy):
         module = self.lightning_module
         batch, rest = args[0], args[1:]
         micro_batches = split_batch(batch, self.max_physical_batch_size)
-        if self._probe_pending:
-            self._probe(batch, rest, kwargs)
+        if self._probe_pending:  # does any example's gradient depend on another's input?
+            run = lambda b: self._run_user_step(b, rest, kwargs)[1]  # noqa: E731
+            self._probe_pending = not probe_training_step(module, self._engine, run, batch)
         losses, norms, last_output = self._clip_micro_batches(micro_batches, rest, kwargs)
         self._pending = self._reduce_and_noise(self._engine.pop_summed())
         self._last_norms = norms
-        self._log_step_metrics(module, norms)
+        metrics = step_metrics(self._plan, self._epsilon_upper_bound(), sensitivity(self.max_grad_norm, self.clipping))
+        log_step(module, metrics, norms if self.log_clip_fraction else None, self.max_grad_norm)
         n = sum(size for _, size in micro_batches)
         mean_loss = torch.stack(losses).sum() / n if n else torch.zeros((), device=self.root_device)
         if isinstance(last_output, Mapping):
@@ -599,29 +553,9 @@ class DPStrategy(DDPStrategy):
         return mean_loss
 
     def _run_user_step(self, micro: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Tensor]:
-        module = self.lightning_module
         with self.precision_plugin.train_step_context():
-            output = module.training_step(micro, *rest, **kwargs)
-        return output, _loss_of(output)
-
-    def _probe(self, batch: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Check once (first step with ≥ 2 examples, and after the trainable set changed) that examples don't mix."""
-        from lightning_dp.sampling import batch_size_of
-
-        size = batch_size_of(batch)
-        if size < 2:  # one example cannot be mixed with another: the check waits for a larger batch
-            return
-        module = self.lightning_module
-        engine = self._engine
-
-        def norms_of(probe: Any, m: int) -> Tensor:
-            with _logging_suppressed(module), engine.capture(m):
-                _, loss = self._run_user_step(probe, rest, kwargs)
-                loss.backward()
-            return engine.probe_norms()
-
-        find_sample_mixing(module, norms_of, batch, size)
-        self._probe_pending = False
+            output = self.lightning_module.training_step(micro, *rest, **kwargs)
+        return output, loss_of(output)
 
     def _clip_micro_batches(
         self, micro_batches: list[tuple[Any, int]], rest: tuple[Any, ...], kwargs: dict[str, Any]
@@ -701,55 +635,22 @@ class DPStrategy(DDPStrategy):
 
         def closure_then_check() -> Any:
             result = precision._wrap_closure(model, optimizer, closure)  # training_step, backward, hooks
-            self._check_gradients(optimizer)
+            check_gradients_written(optimizer, self._written, self.lightning_module)
+            self._written = {}
             return result
 
         return optimizer.step(closure=closure_then_check, **kwargs)
 
-    def _check_gradients(self, optimizer: Any) -> None:
-        names = {p: n for n, p in self.lightning_module.named_parameters()}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and self._written.get(p) is not p.grad:
-                    raise DPMisconfigurationError(
-                        f"Parameter '{names.get(p, '?')}' has a gradient that DPStrategy did not write: it would be"
-                        " applied without clipping and noise. A gradient was set or replaced after the private step"
-                        " (e.g. in on_before_optimizer_step or optimizer_zero_grad), or the parameter became trainable"
-                        " outside fit. Modify private gradients in place only."
-                    )
-        self._written = {}
-
-    # ------------------------------------------------------------------ metrics
-    def _log_step_metrics(self, module: pl.LightningModule, norms: Tensor) -> None:
-        plan = self._plan
-        step = plan.released_steps
-        sigma = plan.sigma_at(step)
-        metrics = {
-            "dp/epsilon": self._epsilon_upper_bound(),
-            "dp/noise_multiplier": sigma,
-            "dp/sample_rate": float(plan.sample_rate),
-            "dp/effective_noise": sigma * sensitivity(self.max_grad_norm, self.clipping) / plan.expected_batch_size,
-        }
-        cumulative = plan.cumulative_noise()
-        if cumulative is not None:
-            metrics["dp/cumulative_noise"] = cumulative
-        for name, value in metrics.items():
-            module.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "dp/epsilon", batch_size=1)
-        if self.log_clip_fraction and norms.numel():
-            frac = (norms > self.max_grad_norm).float().mean()
-            module.log("nonprivate/step_clip_fraction", frac, on_step=True, on_epoch=False, batch_size=1)
-
+    # ------------------------------------------------------------------ reporting
     def _epsilon_upper_bound(self) -> float:
-        """An upper bound on ε after the current step (refreshed within the meter's time budget)."""
+        """An upper bound on ε after the step being taken (refreshed within the meter's time budget)."""
         plan = self._plan
-        done = plan.released_steps + 1  # this step is about to be recorded
-        horizon = (plan.planned_steps - done) if plan.planned_steps is not None else 1
+        done = plan.released_steps + 1
+        horizon = plan.planned_steps - done if plan.planned_steps is not None else 1
         if self.epsilon_refresh_steps is not None:
-            horizon = min(max(horizon, 1), self.epsilon_refresh_steps)
-        extra = plan.planned_segments(plan.released_steps, 1)
-        return self._meter.value(
-            done, _LedgerPlus(plan.ledger, extra), self.delta, plan.planned_segments, max(1, horizon)
-        )
+            horizon = min(horizon, self.epsilon_refresh_steps)
+        pending = plan.planned_segments(plan.released_steps, 1)
+        return self._meter.value(done, plan.ledger, self.delta, plan.planned_segments, max(1, horizon), pending)
 
     @override
     def on_train_end(self) -> None:
@@ -761,14 +662,8 @@ class DPStrategy(DDPStrategy):
                 f"lightning_dp: {self._nonfinite_total} example(s) had non-finite per-sample gradients in this fit and"
                 " contributed zero (a non-private count)."
             )
-        if not trainer.is_global_zero or self._plan.released_steps == 0:
-            return
-        final = {"dp/epsilon": self.epsilon}
-        for logger in trainer.loggers:
-            logger.log_metrics(final, step=trainer.global_step)
-            summary = getattr(getattr(logger, "experiment", None), "summary", None)
-            if summary is not None and hasattr(summary, "update"):
-                summary.update(final)
+        if trainer.is_global_zero and self._plan.released_steps:
+            log_final(trainer, {"dp/epsilon": self.epsilon})
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -853,84 +748,6 @@ class DPStrategy(DDPStrategy):
         if not _distributed_is_initialized():
             return tensor
         return super().reduce(tensor, group=group, reduce_op=reduce_op)
-
-
-class _LedgerPlus:
-    """A read-only view of a ledger with the events of the step being recorded added (for the ε meter)."""
-
-    def __init__(self, ledger: PrivacyLedger, extra: list[MechanismSegment]) -> None:
-        self._ledger, self._extra = ledger, extra
-
-    @property
-    def segments(self) -> list[MechanismSegment]:
-        return self._ledger.segments + self._extra
-
-    def epsilon(self, delta: float, extra: list[MechanismSegment] = ()) -> float:  # type: ignore[assignment]
-        return self._ledger.epsilon(delta, extra=self._extra + list(extra))
-
-
-class _logging_suppressed:
-    """Silence ``self.log`` / ``self.log_dict`` of a LightningModule (while the probe runs its training_step)."""
-
-    def __init__(self, module: pl.LightningModule) -> None:
-        self.module = module
-
-    def __enter__(self) -> None:
-        self.module.log = _no_log  # type: ignore[method-assign]
-        self.module.log_dict = _no_log  # type: ignore[method-assign]
-
-    def __exit__(self, *exc: Any) -> None:
-        del self.module.log
-        del self.module.log_dict
-
-
-def _no_log(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-def _check_training_loader(dataloader: object) -> tuple[Any, int]:
-    """The training set and per-rank batch size of a DataLoader that DPStrategy can sample for.
-
-    Raises:
-        DPMisconfigurationError: for anything but a map-style DataLoader with a batch size and a plain sampler.
-    """
-    if not isinstance(dataloader, DataLoader):
-        raise DPMisconfigurationError(
-            f"DPStrategy needs a torch DataLoader for training, got {type(dataloader).__name__}: Poisson sampling"
-            " draws indices into a map-style dataset."
-        )
-    dataset = dataloader.dataset
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-        raise DPMisconfigurationError(
-            "The training dataset is an iterable dataset without a length: Poisson sampling needs a map-style"
-            " dataset with __len__ and __getitem__ (e.g. a TensorDataset or an ImageFolder)."
-        )
-    if dataloader.batch_size is None:
-        raise DPMisconfigurationError(
-            "The training DataLoader has no batch_size (a custom batch_sampler?). Set batch_size to the expected"
-            " logical batch size and let DPStrategy sample the batches."
-        )
-    sampler = dataloader.sampler
-    if isinstance(sampler, DistributedSamplerWrapper):  # Lightning wrapped a custom sampler for DDP
-        sampler = sampler.dataset._sampler
-    if not isinstance(sampler, (RandomSampler, SequentialSampler, DistributedSampler)):
-        raise DPMisconfigurationError(
-            f"The training DataLoader uses a {type(sampler).__name__}; DPStrategy replaces the sampler with"
-            " Poisson sampling, which would silently drop its behaviour. Remove the custom sampler."
-        )
-    return dataset, int(dataloader.batch_size)
-
-
-def _loss_of(output: Any) -> Tensor:
-    loss = output.get("loss") if isinstance(output, Mapping) else output
-    if not isinstance(loss, Tensor):
-        raise DPMisconfigurationError(
-            "training_step must return the loss (a tensor, or a dict with 'loss') for every batch under DPStrategy:"
-            " skipping a batch by returning None would make the step depend on private data."
-        )
-    if not loss.requires_grad:
-        raise DPMisconfigurationError("The loss returned by training_step does not require grad.")
-    return loss
 
 
 __all__ = ["DPStrategy"]

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import LBFGS, Optimizer
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
 
 from lightning_dp.errors import DPMisconfigurationError
 
@@ -105,3 +109,88 @@ def validate_optimizers(optimizers: list[Optimizer]) -> None:
                 "LBFGS evaluates the loss closure several times per step; each evaluation would release a new"
                 " noisy gradient. Use a first-order optimizer (SGD, Adam, AdamW)."
             )
+
+
+def validate_options(
+    max_grad_norm: float,
+    max_physical_batch_size: int | None,
+    loss_reduction: str,
+    clipping: str,
+    nonfinite: str,
+    resume_policy: str,
+    epsilon_refresh_steps: int | None,
+) -> None:
+    """Check ``DPStrategy``'s non-privacy options (ε, δ and σ are checked by :class:`lightning_dp.plan.PrivacyPlan`).
+
+    Raises:
+        DPMisconfigurationError: naming the argument and what it accepts.
+    """
+    from lightning_dp.clipping import CLIPPING_MODES
+
+    validate_value("max_grad_norm", max_grad_norm)
+    choices = {
+        "loss_reduction": (loss_reduction, ("mean", "sum")),
+        "clipping": (clipping, CLIPPING_MODES),
+        "nonfinite": (nonfinite, ("skip", "error")),
+        "resume_policy": (resume_policy, ("strict", "account_forks", "trust_checkpoint")),
+    }
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise DPMisconfigurationError(f"{name} must be one of {allowed}, got {value!r}.")
+    for name, count in (
+        ("max_physical_batch_size", max_physical_batch_size),
+        ("epsilon_refresh_steps", epsilon_refresh_steps),
+    ):
+        if count is not None and count < 1:
+            raise DPMisconfigurationError(f"{name} must be ≥ 1, got {count}.")
+
+
+def validate_training_loader(dataloader: object) -> tuple[Any, int]:
+    """The training set and per-rank batch size of a DataLoader that DPStrategy can sample for.
+
+    Raises:
+        DPMisconfigurationError: for anything but a map-style DataLoader with a batch size and a plain sampler.
+    """
+    if not isinstance(dataloader, DataLoader):
+        raise DPMisconfigurationError(
+            f"DPStrategy needs a torch DataLoader for training, got {type(dataloader).__name__}: Poisson sampling"
+            " draws indices into a map-style dataset."
+        )
+    dataset = dataloader.dataset
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        raise DPMisconfigurationError(
+            "The training dataset is an iterable dataset without a length: Poisson sampling needs a map-style"
+            " dataset with __len__ and __getitem__ (e.g. a TensorDataset or an ImageFolder)."
+        )
+    if dataloader.batch_size is None:
+        raise DPMisconfigurationError(
+            "The training DataLoader has no batch_size (a custom batch_sampler?). Set batch_size to the expected"
+            " logical batch size and let DPStrategy sample the batches."
+        )
+    sampler = dataloader.sampler
+    if isinstance(sampler, DistributedSamplerWrapper):  # Lightning wrapped a custom sampler for DDP
+        sampler = sampler.dataset._sampler
+    if not isinstance(sampler, (RandomSampler, SequentialSampler, DistributedSampler)):
+        raise DPMisconfigurationError(
+            f"The training DataLoader uses a {type(sampler).__name__}; DPStrategy replaces the sampler with"
+            " Poisson sampling, which would silently drop its behaviour. Remove the custom sampler."
+        )
+    return dataset, int(dataloader.batch_size)
+
+
+def loss_of(output: Any) -> Tensor:
+    """The loss a ``training_step`` returned.
+
+    Raises:
+        DPMisconfigurationError: if there is none (skipping a batch would make the step depend on private data) or it
+            does not require grad.
+    """
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    if not isinstance(loss, Tensor):
+        raise DPMisconfigurationError(
+            "training_step must return the loss (a tensor, or a dict with 'loss') for every batch under DPStrategy:"
+            " skipping a batch by returning None would make the step depend on private data."
+        )
+    if not loss.requires_grad:
+        raise DPMisconfigurationError("The loss returned by training_step does not require grad.")
+    return loss

@@ -1,0 +1,56 @@
+"""What a private run reports to loggers: per-step privacy metrics and the final figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+from lightning_dp.plan import PrivacyPlan
+
+
+def step_metrics(plan: PrivacyPlan, epsilon_bound: float, sensitivity: float) -> dict[str, float]:
+    """``dp/*`` metrics of the step about to be recorded (all public: functions of the plan, not of the data).
+
+    Args:
+        plan: the run's plan.
+        epsilon_bound: an upper bound on ε after this step.
+        sensitivity: the clipped contribution's L2 bound (C, or 1 for normalized clipping).
+    """
+    sigma = plan.sigma_at(plan.released_steps)
+    metrics = {
+        "dp/epsilon": epsilon_bound,
+        "dp/noise_multiplier": sigma,
+        "dp/sample_rate": float(plan.sample_rate),
+        "dp/effective_noise": sigma * sensitivity / plan.expected_batch_size,
+    }
+    cumulative = plan.cumulative_noise()
+    if cumulative is not None:
+        metrics["dp/cumulative_noise"] = cumulative
+    return metrics
+
+
+def log_step(module: pl.LightningModule, metrics: dict[str, float], norms: Tensor | None, max_grad_norm: float) -> None:
+    """Log the step's metrics (``dp/epsilon`` in the progress bar) and, when ``norms`` is given, the non-private
+    share of clipped examples as ``nonprivate/step_clip_fraction``.
+    """
+    for name, value in metrics.items():
+        module.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "dp/epsilon", batch_size=1)
+    if norms is not None and norms.numel():
+        frac = (norms > max_grad_norm).float().mean()
+        module.log("nonprivate/step_clip_fraction", frac, on_step=True, on_epoch=False, batch_size=1)
+
+
+def log_final(trainer: pl.Trainer, metrics: dict[str, Any]) -> None:
+    """Write final figures to every logger, and to run summaries (W&B) that would otherwise keep the last logged
+    value of an earlier step.
+    """
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+        summary = getattr(getattr(logger, "experiment", None), "summary", None)
+        if summary is not None and hasattr(summary, "update"):
+            summary.update(metrics)
+
+
+__all__ = ["log_final", "log_step", "step_metrics"]
