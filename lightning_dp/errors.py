@@ -17,3 +17,18 @@ class UnsupportedLayerError(DPMisconfigurationError):
 
 class PrivacyTargetError(DPMisconfigurationError):
     """A privacy target (ε, δ) that cannot be met with the planned training run."""
+
+
+class NonFiniteGradientError(DPMisconfigurationError):
+    """Examples whose per-sample gradient norm is NaN or infinite (raised by engines built with
+    ``nonfinite="error"``).
+
+    Attributes:
+        count: how many examples of the micro-batch had a non-finite per-sample gradient norm.
+        indices: their positions in the micro-batch (0-based).
+    """
+
+    def __init__(self, message: str, count: int = 0, indices: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.count = count
+        self.indices = indices

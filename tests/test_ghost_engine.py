@@ -84,6 +84,21 @@ class Tied(nn.Module):
         return self.out(self.emb(x).mean(1))
 
 
+class Conv1dNet(nn.Module):
+    """Conv1d layers: strided (ghost), padded and dilated without bias (ghost), pointwise (2T² > d·p: instantiated)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(3, 6, 4, stride=2)  # (B, 3, 8) → (B, 6, 3): d=12, p=6, T=3 → ghost
+        self.b = nn.Conv1d(6, 5, 3, padding=2, dilation=2, bias=False)  # d=18, p=5 → ghost
+        self.c = nn.Conv1d(5, 2, 1)  # d=5, p=2: 18 > 10 → instantiate
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.tanh(self.a(x))))
+        return self.fc(self.c(h).flatten(1))
+
+
 CASES = {
     "linear2d": (mlp, lambda: torch.randn(7, 10)),
     "linear3d": (SeqNet, lambda: torch.randn(6, 50)),
@@ -92,6 +107,7 @@ CASES = {
     "reused_layer": (Reused, lambda: torch.randn(5, 10)),
     "weight_tying": (Tied, lambda: torch.randint(0, 3, (4, 6))),
     "vit_raw_params": (make_vit, lambda: torch.randn(4, 3, 16, 16)),
+    "conv1d": (Conv1dNet, lambda: torch.randn(5, 3, 8)),
 }
 
 
@@ -164,6 +180,30 @@ def test_method_choice_per_layer():
         tied(torch.randint(0, 3, (2, 4))).sum().backward()
     engine.clip_and_accumulate(1.0)
     assert engine.last_methods == {"emb": "instantiate", "out": "instantiate"}
+
+
+def test_conv1d_is_native_and_grouped_conv1d_falls_back():
+    torch.manual_seed(0)
+    model = Conv1dNet().eval()
+    engine = GhostEngine(model)
+    engine.attach()
+    with engine.capture(3):
+        model(torch.randn(3, 3, 8)).sum().backward()
+    engine.clip_and_accumulate(1.0)
+    assert engine.last_methods == {"a": "ghost", "b": "ghost", "c": "instantiate", "fc": "ghost"}
+
+    grouped = nn.Sequential(nn.Conv1d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6 * 4, 3)).eval()
+    x, y = torch.randn(4, 4, 6), torch.randint(0, 3, (4,))
+    ref, norms = _reference(grouped, x, y)
+    engine = GhostEngine(grouped)
+    engine.attach()
+    with engine.capture(4):
+        nn.functional.cross_entropy(grouped(x), y).backward()
+    assert _rel_err(engine.clip_and_accumulate(1e9), norms) < 1e-4
+    assert engine.last_methods["0"] == "rule"
+    summed = engine.pop_summed()
+    for p, g in ref.items():
+        assert _rel_err(summed[p], g.sum(0)) < 1e-4
 
 
 @pytest.mark.parametrize("chunks", [[6], [2, 4], [1, 2, 3]])

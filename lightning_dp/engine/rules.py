@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -112,7 +113,24 @@ def layer_scale_rule(layer: nn.Module, activations: list[Tensor], backprops: Ten
     return {layer.gamma: _sum_except_batch_and_last(activations[0] * backprops, 1)}
 
 
+def embedding_rule(layer: nn.Module, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
+    """Per-sample gradient of ``nn.Embedding``'s weight: each token's output gradient added to its row, except at
+    ``padding_idx``, whose row autograd leaves without gradient (Opacus's grad sampler adds it there).
+    """
+    if not layer.weight.requires_grad:
+        return {}
+    idx = activations[0]
+    b, d = idx.shape[0], layer.embedding_dim
+    idx = idx.reshape(b, -1)
+    g = backprops.reshape(b, -1, d)
+    if layer.padding_idx is not None:
+        g = torch.where((idx != layer.padding_idx).unsqueeze(-1), g, torch.zeros((), dtype=g.dtype, device=g.device))
+    gs = torch.zeros(b, *layer.weight.shape, device=g.device, dtype=g.dtype)
+    return {layer.weight: gs.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), g)}
+
+
 register_grad_sampler(nn.LayerNorm)(layer_norm_rule)
+register_grad_sampler(nn.Embedding)(embedding_rule)
 
 
 def _register_timm() -> None:
@@ -136,6 +154,7 @@ _register_timm()
 __all__ = [
     "GradSampleRule",
     "broadcast_parameter_names",
+    "embedding_rule",
     "find_rule",
     "layer_norm_rule",
     "layer_scale_rule",

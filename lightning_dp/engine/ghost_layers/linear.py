@@ -1,0 +1,23 @@
+"""``nn.Linear`` in the ghost engine: any input rank ``(B, ..., d)``, the middle dimensions being the sequence."""
+
+from __future__ import annotations
+
+from torch import nn
+from typing_extensions import override
+
+from lightning_dp.engine.ghost_layers.base import GhostRecord, register_ghost_layer
+from lightning_dp.engine.ghost_layers.matmul import MatmulCaptured, MatmulGhostLayer, as_sequence, cat
+
+
+@register_ghost_layer(nn.Linear)
+class LinearGhostLayer(MatmulGhostLayer):
+    """``y = x Wᵀ + b``: the calls concatenated along the sequence."""
+
+    @override
+    def collect(self, records: list[GhostRecord]) -> MatmulCaptured:
+        a = cat([as_sequence(r.inputs[0]) for r in records], 1)
+        g = cat([as_sequence(r.grad) for r in records if r.grad is not None], 1)
+        return self.to_fp32(a, g)
+
+
+__all__ = ["LinearGhostLayer"]
