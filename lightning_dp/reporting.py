@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor
 
+from lightning_dp.budget import EpsilonMeter
 from lightning_dp.plan import PrivacyPlan
 
 
@@ -31,6 +32,22 @@ def step_metrics(plan: PrivacyPlan, epsilon_bound: float, sensitivity: float) ->
     return metrics
 
 
+def epsilon_upper_bound(plan: PrivacyPlan, meter: EpsilonMeter, refresh_steps: int | None = None) -> float:
+    """An upper bound on ε after the step being taken (index ``plan.released_steps``), from the meter.
+
+    Args:
+        plan: the run's plan (the step is not recorded yet).
+        meter: refreshes the bound within its time budget.
+        refresh_steps: look at most this many steps ahead (default: to the end of the plan).
+    """
+    done = plan.released_steps + 1
+    horizon = plan.planned_steps - done if plan.planned_steps is not None else 1
+    if refresh_steps is not None:
+        horizon = min(horizon, refresh_steps)
+    pending = plan.planned_segments(plan.released_steps, 1)
+    return meter.value(done, plan.ledger, plan.delta, plan.planned_segments, max(1, horizon), pending)
+
+
 def log_step(module: pl.LightningModule, metrics: dict[str, float], norms: Tensor | None, max_grad_norm: float) -> None:
     """Log the step's metrics (``dp/epsilon`` in the progress bar) and, when ``norms`` is given, the non-private
     share of clipped examples as ``nonprivate/step_clip_fraction``.
@@ -53,4 +70,4 @@ def log_final(trainer: pl.Trainer, metrics: dict[str, Any]) -> None:
             summary.update(metrics)
 
 
-__all__ = ["log_final", "log_step", "step_metrics"]
+__all__ = ["epsilon_upper_bound", "log_final", "log_step", "step_metrics"]

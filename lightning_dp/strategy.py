@@ -48,7 +48,7 @@ from lightning_dp.plan import DEFAULT_DELTA, PrivacyPlan, planned_total_steps, s
 from lightning_dp.probe import probe_training_step
 from lightning_dp.protocols import declared_phases, declared_releases
 from lightning_dp.randomness import RandomSource, RandomStreams
-from lightning_dp.reporting import log_final, log_step, step_metrics
+from lightning_dp.reporting import epsilon_upper_bound, log_final, log_step, step_metrics
 from lightning_dp.sampling import EmptyBatchCollate, split_batch
 from lightning_dp.validation import (
     loss_of,
@@ -643,14 +643,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
 
     # ------------------------------------------------------------------ reporting
     def _epsilon_upper_bound(self) -> float:
-        """An upper bound on ε after the step being taken (refreshed within the meter's time budget)."""
-        plan = self._plan
-        done = plan.released_steps + 1
-        horizon = plan.planned_steps - done if plan.planned_steps is not None else 1
-        if self.epsilon_refresh_steps is not None:
-            horizon = min(horizon, self.epsilon_refresh_steps)
-        pending = plan.planned_segments(plan.released_steps, 1)
-        return self._meter.value(done, plan.ledger, self.delta, plan.planned_segments, max(1, horizon), pending)
+        return epsilon_upper_bound(self._plan, self._meter, self.epsilon_refresh_steps)
 
     @override
     def on_train_end(self) -> None:
