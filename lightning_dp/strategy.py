@@ -286,7 +286,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         assert module is not None
         if self._engine is not None:
             self._engine.detach()
-        self._engine = build_engine(self.engine_name, module, loss_reduction=self.loss_reduction)
+        self._engine = build_engine(self.engine_name, module, self.loss_reduction, self.nonfinite)
         self._engine.set_grad_masks(self.grad_masks)
         self._engine.attach()
         self._probe_pending = self.check_sample_mixing
@@ -348,7 +348,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         self._streams.refresh()
         if self.world_size > 1:  # every rank draws its shard's masks from rank 0's sampling root
             self._streams.set_root("sampling", int(self.broadcast(self._streams.root("sampling"), src=0)))
-        self._engine = build_engine(self.engine_name, module, loss_reduction=self.loss_reduction)
+        self._engine = build_engine(self.engine_name, module, self.loss_reduction, self.nonfinite)
         self._engine.set_grad_masks(self.grad_masks)
         super().setup(trainer)
         validate_optimizers(self.optimizers)
@@ -572,12 +572,11 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             norms.append(engine.clip_and_accumulate(self.max_grad_norm, self.clipping))
             losses.append(loss.detach().float() * size)
             last_output = output
-            self._count_nonfinite(engine)
+        self._count_nonfinite(engine.pop_nonfinite())
         all_norms = torch.cat(norms) if norms else torch.zeros(0, device=self.root_device)
         return losses, all_norms, last_output
 
-    def _count_nonfinite(self, engine: Any) -> None:
-        bad = int(getattr(engine, "last_nonfinite", 0))
+    def _count_nonfinite(self, bad: int) -> None:
         if bad:
             if self._nonfinite_total == 0:
                 rank_zero_warn(

@@ -431,3 +431,24 @@ def test_loggers_end_with_the_final_epsilon(tmp_path):
 
     rows = [r for r in csv.DictReader(open(os.path.join(logger.log_dir, "metrics.csv"))) if r.get("dp/epsilon")]
     assert float(rows[-1]["dp/epsilon"]) == pytest.approx(s.epsilon)
+
+
+# ---------------------------------------------------------------------- 7: one NaN / inf example
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("engine", ["ghost", "hooks"])
+def test_one_non_finite_example_contributes_nothing(bad, engine):
+    ds = indexed_data(n=60)
+    ds.tensors[0][7, 3] = bad
+    s = DPStrategy(noise_multiplier=0.5, max_grad_norm=1.0, engine=engine)
+    model = ClassifierModule(mlp(), lr=0.1)
+    updates = Updates()
+    with pytest.warns(UserWarning, match="non-finite.*non-private"):  # q = 1: every step holds the bad example
+        trainer(s, max_epochs=2, callbacks=[updates]).fit(model, DataLoader(ds, batch_size=60))
+    assert all(7 in b for b in updates.batches) and len(updates.batches) == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(d).all() and d.abs().max() > 0 for d in updates.deltas)
+    assert s.ledger.steps == 2
+    with pytest.raises(DPMisconfigurationError, match="non-finite"):
+        trainer(DPStrategy(noise_multiplier=0.5, nonfinite="error", engine=engine), max_epochs=1).fit(
+            ClassifierModule(mlp()), DataLoader(ds, batch_size=60)
+        )
