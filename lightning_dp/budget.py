@@ -192,7 +192,7 @@ class EpsilonMeter:
             ledger: the run's ledger.
             delta: δ.
             planned: the events of future steps.
-            horizon: the most steps a refresh looks ahead (e.g. the rest of the plan: beyond it, a bound is loose).
+            horizon: the most steps a refresh looks ahead (the rest of the plan: beyond it, a bound is loose).
             pending: events of steps counted in ``steps_done`` but not yet in the ledger.
         """
         pending = list(pending)
@@ -205,8 +205,8 @@ class EpsilonMeter:
             return min(b.value for b in valid)
         steps = max(1, steps_done - self._first_step)
         step_time = max(elapsed - self.spent, 1e-9) / steps
-        ahead = horizon if self.refreshes == 0 else min(horizon, math.ceil(self._cost / (self.budget * step_time)))
-        ahead = max(1, ahead)
+        # Look far enough ahead that this refresh's cost is `budget` of the time until the bound runs out.
+        ahead = max(1, min(horizon, math.ceil(self._cost / (self.budget * step_time))))
         extra = pending + planned(steps_done, ahead)
         value = ledger.epsilon(delta, extra=extra)
         cost = self.clock() - now

@@ -232,18 +232,16 @@ class PrivacyPlan:
         self._calibrate(planned_steps, phases)
         self._restored = {}
 
-    def adopt_schedule(
-        self,
-        planned_steps: int | None,
-        sigma: float,
-        phases: Sequence[tuple[int, float]],
-        extras_of: ExtrasOf | None = None,
-    ) -> None:
-        """Use a schedule calibrated elsewhere (under DDP: on rank 0, so that every rank records the same σ)."""
+    def schedule_state(self) -> dict[str, Any]:
+        """The σ schedule fixed by :meth:`schedule`, as plain numbers (to broadcast under DDP)."""
+        return {"planned": self.planned_steps, "sigma": self._sigma, "phases": [list(p) for p in self._phases]}
+
+    def adopt_schedule(self, state: dict[str, Any], extras_of: ExtrasOf | None = None) -> None:
+        """Use a schedule fixed elsewhere (under DDP: on rank 0, so that every rank records the same σ)."""
         self._extras_of = extras_of or _no_extras
-        self.planned_steps = planned_steps
-        self._sigma = float(sigma)
-        self._phases = [(int(e), float(s)) for e, s in phases]
+        self.planned_steps = state["planned"]
+        self._sigma = float(state["sigma"])
+        self._phases = [(int(e), float(s)) for e, s in state["phases"]]
 
     def _validated_phases(self, phases_of: PhasesOf | None, planned: int) -> list[tuple[int, float]]:
         phases = [(int(e), float(f)) for e, f in phases_of(planned)] if phases_of is not None else []

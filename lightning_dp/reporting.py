@@ -41,7 +41,7 @@ def epsilon_upper_bound(plan: PrivacyPlan, meter: EpsilonMeter, refresh_steps: i
         refresh_steps: look at most this many steps ahead (default: to the end of the plan).
     """
     done = plan.released_steps + 1
-    horizon = plan.planned_steps - done if plan.planned_steps is not None else 1
+    horizon = plan.planned_steps - done if plan.planned_steps is not None else 2**62
     if refresh_steps is not None:
         horizon = min(horizon, refresh_steps)
     pending = plan.planned_segments(plan.released_steps, 1)

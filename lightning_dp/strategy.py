@@ -488,7 +488,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         if self.global_rank == 0:
             try:
                 self._plan.schedule(planned, self._extras_of, self._phases_of)
-                outcome = {"sigma": self._plan._sigma, "phases": self._plan.phases}
+                outcome = {"schedule": self._plan.schedule_state()}
             except PrivacyTargetError as err:
                 if self._plan.released_steps == 0 and len(self._plan.ledger) == 0:
                     outcome = {"error": str(err)}
@@ -504,7 +504,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             rank_zero_info(f"lightning_dp: not training: {outcome['stop']}")
             return
         if self.global_rank != 0:
-            self._plan.adopt_schedule(planned, outcome["sigma"], outcome["phases"], self._extras_of)
+            self._plan.adopt_schedule(outcome["schedule"], self._extras_of)
 
     def _certify(self, planned: int | None) -> None:
         """Tell the budget guard and the ε meter what the calibrated plan already proves (no evaluation needed)."""

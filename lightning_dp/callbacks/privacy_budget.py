@@ -165,8 +165,10 @@ class PrivacyBudget(Callback):
 
     def _allowed(self, strategy: DPStrategy, step: int) -> bool:
         """Whether taking step ``step`` (the next one) keeps ε within the budget (also beyond the planned steps)."""
-        if self._guard is None:
+        if self._guard is None:  # a callback added after setup (the strategy's own, for target_epsilon)
             self._guard = BudgetGuard(self.max_epsilon, self._delta(strategy), self.lookahead)
+            if self._certificate is not None:
+                self._guard.certify(self._certificate)
         return self._guard.allowed(strategy.ledger, step, strategy.planned_segments)
 
     def _stop(self, trainer: pl.Trainer, strategy: DPStrategy, step: int, save: bool) -> None:
