@@ -20,6 +20,7 @@ Examples:
     python benchmarks/accounting.py              # all reference settings
     python benchmarks/accounting.py --quick      # a subset (a few seconds each)
     python benchmarks/accounting.py --package    # with the package-only baseline (slow: ~20 s for f)
+    python benchmarks/accounting.py --delta 1e-9 --only a e f
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import sys
 import time
 from typing import Any
 
-DELTA = 1e-5
+DELTA = float(os.environ.get("BENCH_DELTA", "1e-5"))
 #: name: (segments [(σ, q, steps)], description)
 SETTINGS: dict[str, tuple[list[tuple[float, float, int]], str]] = {
     "a": ([(1.1, 256 / 60000, 14062)], "MNIST-like, 60 epochs"),
@@ -156,12 +157,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(SETTINGS), help="these settings only")
     parser.add_argument("--package", action="store_true", help="also time prv-accountant alone at eps_error=0.01")
     parser.add_argument("--no-calibration", action="store_true")
+    parser.add_argument("--delta", type=float, default=1e-5, help="δ (default 1e-5)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--worker", nargs=2, metavar=("TASK", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(_work(*args.worker)))
         return
+    os.environ["BENCH_DELTA"] = repr(args.delta)
     try:
         import dp_accounting  # noqa: F401
 

@@ -313,21 +313,21 @@ def _min_eps_error(groups: Groups, delta_error: float, max_size: int) -> float:
     return (2 * half_width / (max_size - 4)) * math.sqrt(steps / 2 * math.log(12 / delta_error))
 
 
-@lru_cache(maxsize=256)
-def _prv_bounds(groups: Groups, delta: float, eps_error: float, delta_error: float) -> tuple[float, float]:
-    """(estimate, upper bound) of ε by the PRV method at absolute precision ``eps_error``.
+def _compose(groups: Groups, mesh: float, left: int, size: int, dtype: Any) -> tuple[np.ndarray, float, float]:
+    """The composition of the discretised groups on the grid, by FFT in ``dtype`` (float64 or long double).
 
-    The upper bound is the package's: ε read off the composed discrete distribution at δ - δ_error, plus
-    ``eps_error``. A further δ allowance of ``size × 2⁻⁵²`` covers float64 rounding in the FFT.
+    Returns:
+        The probabilities on the grid ``(j - left) · mesh + offset``, the offset (below one cell), and the amplitude
+        of the rounding noise: true probabilities are ≥ 0, so the most negative entry (or, if none is, the smallest
+        entry) bounds it.
     """
     from scipy.fft import irfft, rfft
 
-    mesh, left, size = _grid(groups, eps_error, delta_error)
-    spectrum = np.ones(size // 2 + 1, dtype=np.complex128)
+    spectrum = np.ones(size // 2 + 1, dtype=np.clongdouble if dtype == np.longdouble else np.complex128)
     shift = 0.0
     for sigma, q, n in groups:
         pmf, s = _discretise(sigma, q, mesh, left, size)
-        spectrum *= rfft(pmf) ** n
+        spectrum *= rfft(pmf.astype(dtype, copy=False)) ** n
         shift += n * s
         del pmf
     steps = sum(n for *_, n in groups)
@@ -336,11 +336,36 @@ def _prv_bounds(groups: Groups, delta: float, eps_error: float, delta_error: flo
     # in *loss* space (the paper's ⊕ modulo 2L), whatever the accumulated mean shift (which can be many cells).
     cells = round(shift / mesh)
     pmf = np.roll(irfft(spectrum, size), (cells - (steps - 1) * left) % size)
-    del spectrum
+    return pmf, shift - cells * mesh, abs(float(pmf.min()))
+
+
+@lru_cache(maxsize=256)
+def _prv_bounds(groups: Groups, delta: float, eps_error: float, delta_error: float) -> tuple[float, float]:
+    """(estimate, upper bound) of ε by the PRV method at absolute precision ``eps_error``.
+
+    The upper bound is the package's: ε read off the composed discrete distribution at δ - δ_error, plus
+    ``eps_error``, with δ further lowered by an allowance for rounding in the FFT (mostly the relative error of the
+    spectrum raised to the power ``steps``): 8 × the measured noise amplitude × the number of grid points with a
+    positive loss, as if all of it were aligned. If in float64 that allowance exceeds δ / 10 (small δ on a fine
+    grid), the composition is redone in long double (~10× slower FFTs, ~2000× less noise).
+
+    Raises:
+        FloatingPointError: if the allowance still exceeds δ / 2, or the grid is unusable; the callers then fall
+            back to a coarser valid bound.
+    """
+    mesh, left, size = _grid(groups, eps_error, delta_error)
+    pmf, offset, noise = _compose(groups, mesh, left, size, np.float64)
     # Only ε ≥ 0 is asked for, so only the losses t > 0 matter (and e^-t cannot overflow).
-    t = (np.arange(size, dtype=np.float64) - left) * mesh + (shift - cells * mesh)
+    t = (np.arange(size, dtype=np.float64) - left) * mesh + offset
     keep = t > 0
-    t, p = t[keep], np.maximum(pmf[keep], 0.0)
+    t = t[keep]
+    if 8.0 * noise * t.size > delta / 10:
+        del pmf
+        pmf, offset, noise = _compose(groups, mesh, left, size, np.longdouble)
+    rounding = 8.0 * noise * t.size
+    if not rounding <= delta / 2:
+        raise FloatingPointError(f"PRV: FFT rounding ({rounding:.2g} in δ) is too large for δ={delta:g}.")
+    p = np.maximum(pmf[keep], 0.0).astype(np.float64)
     del pmf
     # Tail sums: δ(ε) = Σ_{t_j > ε} p_j (1 - e^(ε - t_j)) = D1 - e^ε D2 over the tail.
     d1 = np.cumsum(p[::-1])[::-1]
@@ -359,7 +384,7 @@ def _prv_bounds(groups: Groups, delta: float, eps_error: float, delta_error: flo
         return float(max(0.0, math.log((d1[i] - target) / d2[i])))
 
     estimate = epsilon_at(delta)
-    upper = epsilon_at(delta - delta_error - size * np.finfo(np.float64).eps) + eps_error
+    upper = epsilon_at(delta - delta_error - rounding) + eps_error
     return estimate, upper
 
 
@@ -392,20 +417,20 @@ def _prv_epsilon(
         # Tiny σ: the PRV domain grows without bound (tens of GiB), and such an ε carries no meaningful guarantee.
         return rdp, rdp
     delta_error = delta * delta_error_fraction
-    try:
-        with warnings.catch_warnings(), np.errstate(over="ignore", under="ignore"):
-            warnings.simplefilter("ignore")
+    failures = (MemoryError, FloatingPointError, ValueError, RuntimeError, ZeroDivisionError)
+    with warnings.catch_warnings(), np.errstate(over="ignore", under="ignore"):
+        warnings.simplefilter("ignore")
+        try:
             estimate, upper = _guide(groups, delta, delta_error, max_grid_size)
-            eps_error = max(
-                relative_error * estimate,
-                absolute_error,
-                _min_eps_error(groups, delta_error, max_grid_size),
-            )
-            if eps_error < upper - estimate:
+        except failures:
+            return rdp, rdp  # still an upper bound, only a looser one
+        eps_error = max(relative_error * estimate, absolute_error, _min_eps_error(groups, delta_error, max_grid_size))
+        if eps_error < upper - estimate:
+            try:
                 estimate, fine = _prv_bounds(groups, delta, eps_error, delta_error)
                 upper = min(upper, fine)
-    except (MemoryError, FloatingPointError, ValueError, RuntimeError):
-        return rdp, rdp  # still an upper bound, only a looser one
+            except failures:
+                pass  # keep the coarse run's valid bound
     return estimate, min(upper, rdp)
 
 

@@ -140,6 +140,25 @@ def test_fast_composition_matches_the_package_prv_accountant(groups, eps_error):
     assert ref[2] <= ours[1] <= ref[2] + 1e-4  # same upper bound (ours adds a float64 rounding allowance)
 
 
+def test_tiny_delta_redoes_the_composition_in_long_double(monkeypatch):
+    # At δ = 1e-10 the float64 FFT noise (measured on the result) would eat δ; the composition is redone in
+    # long double, and the bound stays tight instead of falling back to RDP.
+    import lightning_dp.accountants as accountants
+
+    dtypes = []
+    compose = accountants._compose
+
+    def spy(groups, mesh, left, size, dtype):
+        dtypes.append(dtype)
+        return compose(groups, mesh, left, size, dtype)
+
+    monkeypatch.setattr(accountants, "_compose", spy)
+    ours = PRVAccountant(relative_error=0.0101).epsilon(segs((1.0, 0.001, 2000)), 1e-10)  # not a cached key
+    ref = pld_epsilon([(1.0, 0.001, 2000)], 1e-10)
+    assert np.longdouble in dtypes
+    assert ref <= ours <= 1.03 * ref
+
+
 def test_fast_composition_handles_a_mean_shift_of_many_cells():
     # At eps_error = 1 the per-step mean shifts add up to more than the domain: the package's reading then
     # wraps around (ε ≈ -2.8 here). The estimate must stay near ε ≈ 8.86.
