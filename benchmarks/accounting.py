@@ -13,6 +13,8 @@ Columns:
   it returns (≈ σ, at most 0.5 % above).
 - ``RSS MiB``: peak RSS growth over the process's RSS after imports (evaluation / calibration); the kernel's peak
   mark is reset after imports.
+- ``--scaling``: the cost of one ε evaluation (warm) against the number of steps, per regime: what refreshing
+  ``dp/epsilon`` costs along a run.
 - ``--package``: also time the ``prv-accountant`` package alone at a fixed ``eps_error=0.01`` (the previous
   implementation) for one evaluation.
 
@@ -21,6 +23,7 @@ Examples:
     python benchmarks/accounting.py --quick      # a subset (a few seconds each)
     python benchmarks/accounting.py --package    # with the package-only baseline (slow: ~20 s for f)
     python benchmarks/accounting.py --delta 1e-9 --only a e f
+    python benchmarks/accounting.py --scaling    # cost of one ε refresh vs steps, per regime
 """
 
 from __future__ import annotations
@@ -48,6 +51,13 @@ SETTINGS: dict[str, tuple[list[tuple[float, float, int]], str]] = {
     "q.005-10k": ([(1.0, 0.005, 10000)], "regime: 10k steps at q=0.005"),
 }
 QUICK = ["c", "d", "mix", "f"]
+#: --scaling: (σ, q, step counts) — the cost of one refresh of ε along a run, per regime.
+SCALING = {
+    "q=1, σ=1": (1.0, 1.0, [10, 200, 1000]),
+    "q=0.005, σ=1": (1.0, 0.005, [100, 1000, 10000, 50000]),
+    "q=0.001, σ=0.6": (0.6, 0.001, [100, 1000, 10000, 100000, 200000]),
+    "q=6.4e-5, σ=0.8": (0.8, 64e-6, [100, 1000, 10000, 78125]),
+}
 
 
 # ---------------------------------------------------------------------------------------------------- worker
@@ -92,7 +102,7 @@ def _work(task: str, name: str) -> dict[str, Any]:
     elif task == "package":
         from prv_accountant import PRVAccountant
         from prv_accountant.privacy_random_variables import GaussianMechanism, PoissonSubsampledGaussianMechanism
-    triples = SETTINGS[name][0]
+    triples = SETTINGS[name][0] if name in SETTINGS else []
     _reset_peak_rss()
     base = _rss_mib()
     out: dict[str, Any] = {}
@@ -107,6 +117,14 @@ def _work(task: str, name: str) -> dict[str, Any]:
         t = time.process_time()
         epsilon_of_segments(_segments(later), DELTA)
         out["warm_s"] = time.process_time() - t
+    elif task == "scaling":
+        sigma, q, counts = SCALING[name]
+        epsilon_of_segments(_segments([(sigma, q, 1)]), DELTA)  # warm the per-(σ, q) RDP cache
+        out["rows"] = []
+        for n in counts:
+            t = time.process_time()
+            eps = epsilon_of_segments(_segments([(sigma, q, n)]), DELTA)
+            out["rows"].append((n, eps, time.process_time() - t))
     elif task == "calibrate":
         *prior, (sigma, q, steps) = triples
         t = time.process_time()
@@ -157,6 +175,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(SETTINGS), help="these settings only")
     parser.add_argument("--package", action="store_true", help="also time prv-accountant alone at eps_error=0.01")
     parser.add_argument("--no-calibration", action="store_true")
+    parser.add_argument("--scaling", action="store_true", help="only: the cost of one ε refresh vs steps")
     parser.add_argument("--delta", type=float, default=1e-5, help="δ (default 1e-5)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--worker", nargs=2, metavar=("TASK", "NAME"), help=argparse.SUPPRESS)
@@ -165,6 +184,16 @@ def main() -> None:
         print(json.dumps(_work(*args.worker)))
         return
     os.environ["BENCH_DELTA"] = repr(args.delta)
+    if args.scaling:
+        print("| regime | steps | ε | s per evaluation (warm) | peak RSS MiB |")
+        print("|---|---|---|---|---|")
+        for name in SCALING:
+            res = _run("scaling", name)
+            for n, eps, sec in res.get("rows", []):
+                print(f"| {name} | {n} | {eps:.4f} | {sec:.3f} | {_fmt(res.get('rss_mib'), '.0f')} |", flush=True)
+            if "error" in res:
+                print(f"| {name} | error: {res['error']} |")
+        return
     try:
         import dp_accounting  # noqa: F401
 
