@@ -7,13 +7,16 @@ the σ calibration and the strategy only talk to this protocol, so another accou
 still an upper bound:
 
 * **Adaptive precision.** The package's discretisation error ``eps_error`` is absolute, and its cost grows as
-  1/``eps_error``: one fixed value is either wasteful for large ε (0.01 at ε≈9 and 200k steps: 18 s, 6 GB) or too
-  coarse for small ε. We pick it as a fraction of ε (estimated first on a coarse grid), with a floor and a bound on
-  the grid size.
+  1/``eps_error``: one fixed value is either wasteful for large ε (0.01 at ε≈9 and 200k steps: 20 s and 1.6 GB per
+  evaluation, 212 s and 5.5 GB to calibrate σ) or too coarse for small ε. We pick it as a fraction of ε (estimated
+  first on a coarse grid), with a floor and a bound on the grid size.
 * **Fast composition.** The package discretises and convolves in ``long double`` on grids of arbitrary length
   (pocketfft then falls back to Bluestein's algorithm: 10-30× slower). We discretise the same privacy random
   variables, on the same mesh and domain (Theorem 5.5 of the paper), in float64 with numerically stable formulas,
-  on an FFT-friendly grid length, and read ε off the composed distribution with the same error terms.
+  on an FFT-friendly grid length, and read ε off the composed distribution with the same error terms, plus an
+  allowance for the FFT's rounding measured on the result (redone in long double when that would eat δ). We also
+  wrap the composition modulo the domain in loss space, as the paper's ⊕: the package wraps in index space, which
+  reads a wrong ε once the discretisation's mean shifts add up to more than the domain (coarse grids, many steps).
 * **Closed form.** A composition of non-subsampled Gaussian mechanisms is one Gaussian mechanism, whose ε(δ) is
   analytic (Balle & Wang, 2018): no discretisation at all.
 * **Estimates** (not bounds) that are cheap, to guide :func:`lightning_dp.accounting.calibrate_noise_multiplier`.
@@ -437,7 +440,7 @@ def _prv_epsilon(
 def _guide(groups: Groups, delta: float, delta_error: float, max_grid_size: int) -> tuple[float, float]:
     """A coarse PRV run: eps_error about 10 % of ε (from RDP first, then from its own estimate).
 
-    Its estimate is within ~0.1 % of ε (the estimate converges much faster than the guaranteed bound), which is
+    Its estimate is within ~0.5 % of ε (the estimate converges much faster than the guaranteed bound), which is
     what calibration and the choice of the fine precision need; its upper bound is valid, just loose.
     """
     cap = _min_eps_error(groups, delta_error, max(1 << 16, max_grid_size // 16))
