@@ -1,5 +1,6 @@
 """lightning_dp: differentially private training for PyTorch Lightning."""
 
+from lightning_dp.accountants import Accountant, PRVAccountant, RDPAccountant
 from lightning_dp.accounting import PrivacyLedger, calibrate_noise_multiplier, compute_epsilon
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError, UnsupportedLayerError
 from lightning_dp.strategy import DPStrategy
@@ -7,6 +8,9 @@ from lightning_dp.strategy import DPStrategy
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accountant",
+    "PRVAccountant",
+    "RDPAccountant",
     "DPMisconfigurationError",
     "DPStrategy",
     "PrivacyLedger",

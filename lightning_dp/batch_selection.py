@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import Sampler
 
-from lightning_dp.accounting import MechanismSegment, calibrate_noise_multiplier
+from lightning_dp.accounting import Accountant, MechanismSegment, calibrate_noise_multiplier
 from lightning_dp.errors import DPMisconfigurationError
 from lightning_dp.sampling import PoissonBatchSampler, ShuffleBatchSampler, SourceOf
 
@@ -115,9 +115,10 @@ class BatchSelection(ABC):
         count: int,
         prior: Sequence[MechanismSegment],
         extras_of: ExtrasOf,
+        accountant: Accountant | None = None,
     ) -> float:
         """The smallest σ for which ``prior`` plus steps ``start .. start + count - 1`` (at σ, with the extra
-        releases ``extras_of(step)``) stay within ``target_epsilon`` at ``delta``.
+        releases ``extras_of(step)``) stay within ``target_epsilon`` at ``delta`` by ``accountant``'s bound.
         """
 
     def state_dict(self) -> dict[str, Any]:
@@ -170,6 +171,7 @@ class PoissonSelection(BatchSelection):
         count: int,
         prior: Sequence[MechanismSegment],
         extras_of: ExtrasOf,
+        accountant: Accountant | None = None,
     ) -> float:
         """See :meth:`BatchSelection.calibrate`."""
         plan: dict[tuple[float, ...], int] = {}
@@ -178,7 +180,7 @@ class PoissonSelection(BatchSelection):
             if extra:
                 plan[extra] = plan.get(extra, 0) + 1
         return calibrate_noise_multiplier(
-            target_epsilon, delta, self.sample_rate, count, prior=prior, joint_noise=plan or None
+            target_epsilon, delta, self.sample_rate, count, prior=prior, joint_noise=plan or None, accountant=accountant
         )
 
 
@@ -261,13 +263,15 @@ class ShuffleSelection(BatchSelection):
         count: int,
         prior: Sequence[MechanismSegment],
         extras_of: ExtrasOf,
+        accountant: Accountant | None = None,
     ) -> float:
         """σ such that one release per planned pass (σ/2 combined with the worst step's extras) meets the target."""
         passes = max(1, len(self._pass_starts(start, count)))
         worst = max((extras_of(k) for k in range(start, start + count)), key=lambda x: sum(s**-2 for s in x))
         halved = tuple(x / 2.0 for x in worst)
+        joint = {halved: passes} if halved else None
         return 2.0 * calibrate_noise_multiplier(
-            target_epsilon, delta, 1.0, passes, prior=prior, joint_noise={halved: passes} if halved else None
+            target_epsilon, delta, 1.0, passes, prior=prior, joint_noise=joint, accountant=accountant
         )
 
 

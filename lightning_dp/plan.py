@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lightning_dp.accounting import MechanismSegment, PrivacyLedger, combine_noise_multipliers
+from lightning_dp.accounting import Accountant, MechanismSegment, PrivacyLedger, combine_noise_multipliers
 from lightning_dp.batch_selection import SELECTIONS, BatchSelection, ExtrasOf, PoissonSelection
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError
 
@@ -74,7 +74,7 @@ class PrivacyPlan:
         target_epsilon: the ε the run may spend; σ is then calibrated. Exactly one of this and ``noise_multiplier``.
         delta: δ of the guarantee.
         noise_multiplier: a fixed σ; ε then grows with the steps.
-        accountant: the accountant behind the ledger (default: PRV).
+        accountant: the accountant behind the ledger and the calibration (default: PRV).
 
     Raises:
         DPMisconfigurationError: for inconsistent or non-finite arguments.
@@ -95,7 +95,7 @@ class PrivacyPlan:
         target_epsilon: float | None = None,
         delta: float = DEFAULT_DELTA,
         noise_multiplier: float | None = None,
-        accountant: Any = None,
+        accountant: Accountant | None = None,
     ) -> None:
         if (target_epsilon is None) == (noise_multiplier is None):
             raise DPMisconfigurationError(
@@ -113,7 +113,7 @@ class PrivacyPlan:
         self.target_epsilon = target_epsilon
         self.delta = float(delta)
         self.fixed_noise_multiplier = noise_multiplier
-        self.ledger = PrivacyLedger() if accountant is None else PrivacyLedger(accountant=accountant)
+        self.ledger = PrivacyLedger(accountant=accountant)
         #: steps taken in this run's lineage (the trainer's ``global_step``)
         self.released_steps = 0
         #: the total steps the trainer will have run when it stops (None: unbounded)
@@ -284,7 +284,13 @@ class PrivacyPlan:
             if end <= start:
                 continue
             sigma = self.selection.calibrate(
-                share * self.target_epsilon, self.delta, start, end - start, prior, self._extras_of
+                share * self.target_epsilon,
+                self.delta,
+                start,
+                end - start,
+                prior,
+                self._extras_of,
+                self.ledger.accountant,
             )
             calibrated.append((end, sigma))
             prior += self.selection.planned_events(

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_dp.accounting import MechanismSegment, PrivacyLedger
+from lightning_dp.accounting import Accountant, MechanismSegment, PrivacyLedger
 from lightning_dp.budget import EpsilonMeter
 from lightning_dp.checkpointing import RunState, restore_run
 from lightning_dp.clipping import ClippingMode, sensitivity
@@ -109,6 +109,8 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             (a fork) or without its journal; ``"account_forks"`` resumes a fork and keeps every executed step in the
             ledger; ``"trust_checkpoint"`` accepts a checkpoint whose journal is gone (you assert that no step was
             taken after it).
+        accountant: who bounds ε, for reporting, calibration and the budget (an
+            :class:`~lightning_dp.accountants.Accountant`; default: the PRV accountant).
 
     Raises:
         DPMisconfigurationError: for inconsistent or non-finite arguments.
@@ -142,6 +144,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         nonfinite: Literal["skip", "error"] = "skip",
         journal_dir: _PATH | None = None,
         resume_policy: Literal["strict", "account_forks", "trust_checkpoint"] = "strict",
+        accountant: Accountant | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -188,6 +191,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             target_epsilon=target_epsilon,
             delta=target_delta if target_delta is not None else DEFAULT_DELTA,
             noise_multiplier=noise_multiplier,
+            accountant=accountant,
         )
         self._streams = RandomStreams({"sampling": sampling_seed, "noise": noise_seed}, secure=secure_mode)
         self._run = RunState()

@@ -243,3 +243,21 @@ def test_secure_source_draws_gaussians_and_uniforms():
     u = src.uniform(100_000)
     assert 0 <= u.min() and u.max() < 1 and u.mean().item() == pytest.approx(0.5, abs=0.01)
     assert sorted(src.permutation(50).tolist()) == list(range(50))
+
+
+def test_the_plan_calibrates_and_reports_with_its_accountant():
+    from lightning_dp import RDPAccountant
+
+    rdp = RDPAccountant()
+    plan = PrivacyPlan(target_epsilon=2.0, delta=1e-5, accountant=rdp)
+    plan.bind(num_samples=1000, batch_size=50)
+    plan.schedule(planned_steps=40)
+    sigma = plan.noise_multiplier
+    assert rdp.epsilon([MechanismSegment(sigma, 0.05, 40)], 1e-5) <= 2.0
+    prv = PrivacyPlan(target_epsilon=2.0, delta=1e-5)
+    prv.bind(num_samples=1000, batch_size=50)
+    prv.schedule(planned_steps=40)
+    assert sigma > prv.noise_multiplier  # RDP is looser than PRV: it needs more noise
+    for _ in range(40):
+        plan.record()
+    assert plan.epsilon() == rdp.epsilon(plan.ledger.segments, 1e-5)
