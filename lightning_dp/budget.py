@@ -142,6 +142,15 @@ class _Bound:
         return steps_done <= self.valid_through and (self.covers is None or _within(ledger_totals, self.covers))
 
 
+def _undominated(bounds: list[_Bound]) -> list[_Bound]:
+    """Drop bounds that another bound beats on both value and validity."""
+    kept: list[_Bound] = []
+    for b in sorted(bounds, key=lambda b: (-b.valid_through, b.value)):  # longest validity first
+        if not kept or b.value < kept[-1].value:
+            kept.append(b)
+    return kept
+
+
 class EpsilonMeter:
     """Upper bounds on ε for ``dp/epsilon``, refreshed while refreshes cost at most ``budget`` of the run's time.
 
@@ -175,6 +184,40 @@ class EpsilonMeter:
     def certify(self, valid_through: int, value: float) -> None:
         """A bound known without evaluation (e.g. the target of a calibrated plan), valid through a step count."""
         self._bounds.append(_Bound(valid_through, value, None))
+
+    def plan_curve(
+        self,
+        start: int,
+        end: int,
+        ledger: PrivacyLedger,
+        delta: float,
+        planned: PlannedEvents,
+        points: int = 8,
+        last: float | None = None,
+    ) -> None:
+        """Bounds at geometric points of a plan (1/2^(points-1), ..., 1/2, all of steps ``start .. end``), computed
+        once, so the reported ε grows as a staircase instead of showing the plan's final ε from the first step.
+        Their cost counts as refresh time.
+
+        Args:
+            start: the next step's index.
+            end: the planned total.
+            ledger: the run's ledger.
+            delta: δ.
+            planned: the events of future steps.
+            points: how many points.
+            last: ε at ``end`` if known without evaluation (a calibrated target).
+        """
+        if end <= start:
+            return
+        t0 = self.clock()
+        marks = sorted({start + max(1, math.ceil((end - start) * 2.0 ** (j - points))) for j in range(1, points + 1)})
+        for mark in marks:
+            extra = planned(start, mark - start)
+            value = last if mark == end and last is not None else ledger.epsilon(delta, extra=extra)
+            self._bounds.append(_Bound(mark, value, totals(ledger.segments + extra)))
+        self._bounds = _undominated(self._bounds)
+        self.spent += self.clock() - t0
 
     def value(
         self,
@@ -213,10 +256,8 @@ class EpsilonMeter:
         self.spent += cost
         self._cost = cost
         self.refreshes += 1
-        self._bounds = [b for b in valid if b.value < value] + [
-            _Bound(steps_done + ahead, value, totals(ledger.segments + extra))
-        ]
-        return min(b.value for b in self._bounds)
+        self._bounds = _undominated(valid + [_Bound(steps_done + ahead, value, totals(ledger.segments + extra))])
+        return min(b.value for b in self._bounds if b.valid_through >= steps_done)
 
 
 __all__ = ["BudgetGuard", "EpsilonMeter", "totals"]

@@ -46,9 +46,11 @@ def derive_seed(root: int, *keys: object) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def stream_source(root: int, purpose: str, step: int, rank: int = 0, branch: int = 0) -> TorchSource:
-    """The torch-generator source of ``purpose`` for one step, rank and branch of a run with root seed ``root``."""
-    return TorchSource(derive_seed(root, purpose, int(branch), int(rank), int(step)))
+def stream_source(root: int, purpose: str, step: int, rank: int = 0, branch: int = 0, index: int = 0) -> TorchSource:
+    """The ``index``-th torch-generator source of ``purpose`` for one step, rank and branch of a run whose root
+    seed is ``root``.
+    """
+    return TorchSource(derive_seed(root, purpose, int(branch), int(rank), int(step), int(index)))
 
 
 class RandomSource(Protocol):
@@ -170,6 +172,7 @@ class RandomStreams:
         self.fixed = fixed
         self.secure = secure
         self._roots: dict[str, int] = {}
+        self._calls: dict[tuple[str, int, int], tuple[int | None, int]] = {}
         self._warned = False
 
     def refresh(self) -> None:
@@ -182,6 +185,7 @@ class RandomStreams:
                 " noise). Use fixed seeds for reproducible tests only."
             )
         self._roots = {p: self.fixed.get(p, fresh_seed()) for p in PURPOSES}
+        self._calls = {}
 
     def root(self, purpose: str) -> int:
         """The current root of ``purpose`` (to broadcast under DDP; never store it)."""
@@ -196,10 +200,19 @@ class RandomStreams:
         self._roots[purpose] = int(root)
 
     def source(self, purpose: str, step: int, rank: int = 0, branch: int = 0) -> RandomSource:
-        """The random source of ``purpose`` for ``step`` on ``rank``, in the run's ``branch``."""
+        """A random source of ``purpose`` for ``step`` on ``rank``, in the run's ``branch``.
+
+        Every call returns an independent stream: two callers drawing for the same purpose and step (say two
+        histogram callbacks) must never get the same noise, or the difference of their releases would cancel it.
+        The n-th call for a (purpose, step, rank, branch) is keyed by n, so fixed seeds still reproduce a run.
+        """
         if self.secure:
             return SecureSource()
-        return stream_source(self.root(purpose), purpose, step, rank, branch)
+        key = (purpose, int(rank), int(branch))
+        last_step, calls = self._calls.get(key, (None, 0))
+        index = calls if last_step == step else 0
+        self._calls[key] = (step, index + 1)
+        return stream_source(self.root(purpose), purpose, step, rank, branch, index)
 
 
 __all__ = [

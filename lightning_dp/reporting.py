@@ -32,6 +32,16 @@ def step_metrics(plan: PrivacyPlan, epsilon_bound: float, sensitivity: float) ->
     return metrics
 
 
+def start_meter(plan: PrivacyPlan, meter: EpsilonMeter) -> None:
+    """Start the ε meter for a fit: its clock, and its curve of bounds along the plan (the plan's last point is the
+    calibrated target when there is one).
+    """
+    start, planned = plan.released_steps, plan.planned_steps
+    meter.start(start)
+    if planned is not None and planned > start:
+        meter.plan_curve(start, planned, plan.ledger, plan.delta, plan.planned_segments, last=plan.target_epsilon)
+
+
 def epsilon_upper_bound(plan: PrivacyPlan, meter: EpsilonMeter, refresh_steps: int | None = None) -> float:
     """An upper bound on ε after the step being taken (index ``plan.released_steps``), from the meter.
 
@@ -70,4 +80,4 @@ def log_final(trainer: pl.Trainer, metrics: dict[str, Any]) -> None:
             summary.update(metrics)
 
 
-__all__ = ["epsilon_upper_bound", "log_final", "log_step", "step_metrics"]
+__all__ = ["epsilon_upper_bound", "log_final", "log_step", "start_meter", "step_metrics"]

@@ -48,7 +48,7 @@ from lightning_dp.plan import DEFAULT_DELTA, PrivacyPlan, planned_total_steps, s
 from lightning_dp.probe import probe_training_step
 from lightning_dp.protocols import declared_phases, declared_releases
 from lightning_dp.randomness import RandomSource, RandomStreams
-from lightning_dp.reporting import epsilon_upper_bound, log_final, log_step, step_metrics
+from lightning_dp.reporting import epsilon_upper_bound, log_final, log_step, start_meter, step_metrics
 from lightning_dp.sampling import EmptyBatchCollate, split_batch
 from lightning_dp.validation import (
     loss_of,
@@ -460,9 +460,10 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         planned = None if planned is None else planned + run.step_offset
         self._plan.selection.epoch_steps = epoch_steps
         self._schedule(trainer, planned)
-        self._meter.start(self._plan.released_steps)
         if self._stopped_reason is None:
-            self._certify(planned)
+            start_meter(self._plan, self._meter)
+            if self._budget is not None and planned is not None and planned > taken:
+                self._budget.certify(self._plan.planned_segments(taken, planned - taken))
         sigma = self._plan.noise_multiplier
         rank_zero_info(
             f"lightning_dp: N={self._plan.selection.num_samples}, expected batch B={self._plan.expected_batch_size},"
@@ -509,15 +510,6 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             return
         if self.global_rank != 0:
             self._plan.adopt_schedule(outcome["schedule"], self._extras_of)
-
-    def _certify(self, planned: int | None) -> None:
-        """Tell the budget guard and the ε meter what the calibrated plan already proves (no evaluation needed)."""
-        start = self._plan.released_steps
-        if self.target_epsilon is not None and planned is not None and planned > start:
-            events = self._plan.planned_segments(start, planned - start)
-            if self._budget is not None:
-                self._budget.certify(events)
-            self._meter.certify(planned, self.target_epsilon)
 
     # ------------------------------------------------------------------ the private step
     @override

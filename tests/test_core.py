@@ -261,3 +261,14 @@ def test_the_plan_calibrates_and_reports_with_its_accountant():
     for _ in range(40):
         plan.record()
     assert plan.epsilon() == rdp.epsilon(plan.ledger.segments, 1e-5)
+
+
+def test_two_draws_for_the_same_purpose_and_step_are_independent():
+    streams = RandomStreams({"histogram": 3})
+    streams.refresh()
+    cpu = torch.device("cpu")
+    a = streams.source("histogram", 5).normal((8,), 1.0, cpu, torch.float64)
+    b = streams.source("histogram", 5).normal((8,), 1.0, cpu, torch.float64)  # a second callback, same step
+    assert not torch.equal(a, b)
+    streams.refresh()  # the same seeds, the same order: the same draws
+    assert torch.equal(a, streams.source("histogram", 5).normal((8,), 1.0, cpu, torch.float64))
