@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dp import DPStrategy
+from lightning_dp.console import quiet_lightning
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -234,6 +235,7 @@ def main() -> None:
             setattr(args, key, value)
     if args.tiny:
         args.data = "digits"
+    quiet_lightning(dataloader_workers_hint=args.data != "digits")  # one line per grid point, no framework banners
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train, test, factory = load_data(args)

@@ -109,7 +109,7 @@ class SecureSource:
     torch has no CSPRNG (Opacus used torchcsprng, which is no longer maintained), so uniforms are built from
     ``os.urandom`` bytes (53 random bits each) and Gaussians by the Box–Muller transform in float64, then cast.
     It is slow — about 8 bytes of kernel entropy per noise coordinate — which is why it is opt-in
-    (``DPStrategy(secure_mode=True)``); see the README for the measured cost.
+    (``DPStrategy(secure_mode=True)``); see "What the guarantee covers" in the docs for the measured cost.
     """
 
     def uniform(self, n: int) -> Tensor:

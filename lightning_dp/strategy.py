@@ -95,7 +95,8 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         sampling_seed: fix the sampling randomness (reproducible tests only: the guarantee then rests on the seed
             staying secret; a warning says so). Default: fresh OS entropy per fit.
         noise_seed: fix the noise randomness (reproducible tests only, as ``sampling_seed``).
-        secure_mode: draw noise and sampling from the OS's cryptographically secure generator (slower; see README).
+        secure_mode: draw noise and sampling from the OS's cryptographically secure generator (slower: see "What
+            the guarantee covers" in the docs).
         engine: the per-sample clipping engine, a name in ``lightning_dp.engine.ENGINES``: ``"ghost"`` (default:
             book-keeping with ghost norms) or ``"hooks"`` (materialises per-sample gradients, like Opacus hooks).
         clipping: ``"flat"``, ``"normalized"`` or ``"automatic"``; see :mod:`lightning_dp.clipping`. The noise is

@@ -6,13 +6,14 @@ accounted (the default) or labelled ``nonprivate/`` as diagnostics outside the D
 
 from lightning_dp.callbacks.grad_norm_histogram import GradNormHistogram, NormHistogram, histogram_quantiles
 from lightning_dp.callbacks.privacy_budget import PrivacyBudget
-from lightning_dp.callbacks.privacy_summary import PrivacySummary, privacy_summary
+from lightning_dp.callbacks.privacy_summary import PrivacySummary, format_privacy_summary, privacy_summary
 
 __all__ = [
     "GradNormHistogram",
     "NormHistogram",
     "PrivacyBudget",
     "PrivacySummary",
+    "format_privacy_summary",
     "histogram_quantiles",
     "privacy_summary",
 ]
