@@ -7,6 +7,7 @@ import json
 import math
 import os
 import struct
+import time
 
 import lightning as L
 import numpy as np
@@ -118,13 +119,17 @@ def test_wandb_offline_run_has_histogram_epsilon_and_summary(tmp_path):
     wandb.finish()
 
     (run_file,) = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*", "run-*.wandb"))
-    rows, summ = [], {}
-    for rec in _wandb_records(run_file):
-        kind = rec.WhichOneof("record_type")
-        if kind == "history":
-            rows.append(_items(rec.history.item))
-        elif kind == "summary":
-            summ.update(_items(rec.summary.update))
+    for _ in range(40):  # W&B's service may still be writing the offline file after finish() returns
+        rows, summ = [], {}
+        for rec in _wandb_records(run_file):
+            kind = rec.WhichOneof("record_type")
+            if kind == "history":
+                rows.append(_items(rec.history.item))
+            elif kind == "summary":
+                summ.update(_items(rec.summary.update))
+        if "dp/final_epsilon" in summ and sum(r.get("dp_hist/grad_norm/_type") == "histogram" for r in rows) >= 2:
+            break
+        time.sleep(0.25)
     hists = [r for r in rows if r.get("dp_hist/grad_norm/_type") == "histogram"]
     assert [r["trainer/global_step"] for r in hists] == [4, 9]  # steps s with (s + 1) % 5 == 0, Lightning's cadence
     last = hists[-1]
