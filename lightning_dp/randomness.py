@@ -11,15 +11,15 @@ Each step's generator is derived from ``(root, purpose, branch, rank, step)``, s
 reproducible tests) continues after a resume exactly as an uninterrupted run would, and a deliberate fork of the
 run (a resume from a checkpoint older than steps already taken) draws on a new ``branch``.
 
-``secure=True`` replaces torch's Mersenne-Twister/Philox generators by the operating system's cryptographically
-secure generator (``os.urandom``): the guarantee then does not rest on a PRNG state staying secret.
+``secure=True`` replaces torch's Mersenne-Twister/Philox generators by a cryptographically secure generator
+(SHAKE-256 keyed by 256 bits of OS entropy per fit): the guarantee then does not rest on a PRNG whose state could
+be reconstructed from its outputs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 import secrets
 from typing import Protocol
 
@@ -33,9 +33,9 @@ from lightning_dp.errors import DPMisconfigurationError
 PURPOSES = ("sampling", "noise", "histogram")
 
 
-def fresh_seed() -> int:
-    """A 63-bit seed from the operating system's entropy pool (not from any global RNG that a user can seed)."""
-    return secrets.randbits(63)
+def fresh_seed(bits: int = 63) -> int:
+    """A seed of ``bits`` bits from the operating system's entropy pool (not from any global RNG a user can seed)."""
+    return secrets.randbits(bits)
 
 
 def derive_seed(root: int, *keys: object) -> int:
@@ -104,19 +104,31 @@ class TorchSource:
 
 
 class SecureSource:
-    """A :class:`RandomSource` on the operating system's cryptographically secure generator (``os.urandom``).
+    """A :class:`RandomSource` on a cryptographically secure generator: SHAKE-256 keyed by a 256-bit secret.
 
-    torch has no CSPRNG (Opacus used torchcsprng, which is no longer maintained), so uniforms are built from
-    ``os.urandom`` bytes (53 random bits each) and Gaussians by the Box–Muller transform in float64, then cast.
-    It is slow — about 8 bytes of kernel entropy per noise coordinate — which is why it is opt-in
-    (``DPStrategy(secure_mode=True)``); see "What the guarantee covers" in the docs for the measured cost.
+    torch has no CSPRNG (Opacus used torchcsprng, which is no longer maintained). The key is derived from a root of
+    256 bits of OS entropy drawn fresh for every fit (never stored), so a stream is as unpredictable as the OS's
+    generator, yet two ranks holding the same (broadcast) root draw the same shuffle. Uniforms take 53 bits each;
+    Gaussians come from the Box–Muller transform in float64, then are cast. It is slow — 8 bytes of keystream per
+    noise coordinate — which is why it is opt-in (``DPStrategy(secure_mode=True)``); the docs give the measured cost.
+
+    Args:
+        key: the stream's secret key (32 bytes).
     """
+
+    def __init__(self, key: bytes) -> None:
+        self._key = bytes(key)
+        self._blocks = 0
+
+    def _bytes(self, n: int) -> bytes:
+        self._blocks += 1  # every draw from this source continues with fresh keystream
+        return hashlib.shake_256(self._key + self._blocks.to_bytes(8, "little")).digest(n)
 
     def uniform(self, n: int) -> Tensor:
         """See :class:`RandomSource`."""
         if n <= 0:
             return torch.zeros(0, dtype=torch.float64)
-        raw = torch.frombuffer(bytearray(os.urandom(8 * n)), dtype=torch.int64)
+        raw = torch.frombuffer(bytearray(self._bytes(8 * n)), dtype=torch.int64)
         # The top 53 bits of each word (>> 11 of a signed word is an arithmetic shift: mask to 53 bits).
         bits = (raw >> 11) & ((1 << 53) - 1)
         return bits.to(torch.float64) * 2.0**-53
@@ -184,7 +196,7 @@ class RandomStreams:
                 " rests on these seeds staying secret (anyone who knows them can rebuild the batches or cancel the"
                 " noise). Use fixed seeds for reproducible tests only."
             )
-        self._roots = {p: self.fixed.get(p, fresh_seed()) for p in PURPOSES}
+        self._roots = {p: self.fixed.get(p, fresh_seed(256 if self.secure else 63)) for p in PURPOSES}
         self._calls = {}
 
     def root(self, purpose: str) -> int:
@@ -206,12 +218,13 @@ class RandomStreams:
         histogram callbacks) must never get the same noise, or the difference of their releases would cancel it.
         The n-th call for a (purpose, step, rank, branch) is keyed by n, so fixed seeds still reproduce a run.
         """
-        if self.secure:
-            return SecureSource()
         key = (purpose, int(rank), int(branch))
         last_step, calls = self._calls.get(key, (None, 0))
         index = calls if last_step == step else 0
         self._calls[key] = (step, index + 1)
+        if self.secure:
+            material = repr((self.root(purpose), purpose, int(branch), int(rank), int(step), index)).encode()
+            return SecureSource(hashlib.blake2b(material, digest_size=32).digest())
         return stream_source(self.root(purpose), purpose, step, rank, branch, index)
 
 

@@ -237,7 +237,7 @@ def test_streams_are_fresh_per_fit_and_fixed_seeds_reproduce():
 
 
 def test_secure_source_draws_gaussians_and_uniforms():
-    src = SecureSource()
+    src = SecureSource(b"\x01" * 32)
     z = src.normal((200_000,), 2.0, torch.device("cpu"), torch.float64)
     assert z.mean().abs() < 4 * 2.0 / math.sqrt(z.numel()) and z.std().item() == pytest.approx(2.0, rel=0.01)
     u = src.uniform(100_000)
@@ -272,3 +272,16 @@ def test_two_draws_for_the_same_purpose_and_step_are_independent():
     assert not torch.equal(a, b)
     streams.refresh()  # the same seeds, the same order: the same draws
     assert torch.equal(a, streams.source("histogram", 5).normal((8,), 1.0, cpu, torch.float64))
+
+
+def test_secure_streams_are_fresh_per_fit_and_shared_by_ranks_with_one_root():
+    rank0, rank1 = RandomStreams(secure=True), RandomStreams(secure=True)
+    rank0.refresh()
+    rank1.refresh()
+    first = rank0.source("sampling", 3).permutation(20)
+    assert not torch.equal(first, rank1.source("sampling", 3).permutation(20))  # independent fresh roots ...
+    other = RandomStreams(secure=True)  # another rank in a new fit adopts rank 0's broadcast root: the same shuffle
+    other.refresh()
+    other.set_root("sampling", rank0.root("sampling"))
+    assert torch.equal(first, other.source("sampling", 3).permutation(20))
+    assert rank0.root("noise").bit_length() > 64  # 256-bit secrets, not torch seeds
