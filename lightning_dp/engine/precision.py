@@ -83,6 +83,14 @@ def bmm_f32(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.float(), b.float())
 
 
+def gram(x: Tensor) -> Tensor:
+    """Per-example ``x_i x_iᵀ`` of ``(b, T, k)`` in fp32 (exact products, fp32 accumulation), upcasting at most once."""
+    if has_out_dtype_kernels(x):
+        return torch.bmm(x, x.transpose(1, 2), out_dtype=torch.float32)
+    x = x.float()
+    return torch.bmm(x, x.transpose(1, 2))
+
+
 def scale_rows(x: Tensor, factors: Tensor) -> Tensor:
     """``factors_i · x_i`` for batch-first ``x``, the product formed in fp32 and rounded once.
 
@@ -95,7 +103,7 @@ def scale_rows(x: Tensor, factors: Tensor) -> Tensor:
     """
     f = factors.to(torch.float32).view(-1, *([1] * (x.dim() - 1)))
     if not rounds_scaled_rows(x):
-        return x.float() * f
+        return x * f  # promoted to fp32 in one pass
     out = torch.empty_like(x)
     torch.mul(x, f, out=out)  # computed in fp32 (the promoted dtype), rounded once into x's dtype
     return out
@@ -111,6 +119,7 @@ __all__ = [
     "bmm_f32",
     "common",
     "emulate_rounded_scaling",
+    "gram",
     "has_out_dtype_kernels",
     "mm_f32",
     "rounds_scaled_rows",

@@ -27,6 +27,7 @@ from lightning_dp.engine.ghost_layers.base import GhostLayer, GhostRecord
 from lightning_dp.engine.precision import (
     bmm_f32,
     common,
+    gram,
     mm_f32,
     rounds_scaled_rows,
     scale_rows,
@@ -63,7 +64,7 @@ def ghost_squared_norms(a: Tensor, g: Tensor) -> Tensor:
     a, g = common(a, g)
     if a.shape[1] == 1:
         return (token_norms(a)[:, 0] * token_norms(g)[:, 0]).pow(2)
-    return _gram_product(bmm_f32(a, a.transpose(1, 2)), bmm_f32(g, g.transpose(1, 2)))
+    return _gram_product(gram(a), gram(g))
 
 
 def _gram_product(aa: Tensor, gg: Tensor) -> Tensor:
@@ -125,7 +126,7 @@ class MatmulGhostLayer(GhostLayer):
                 spread = token_norms(a)[:, 0] * token_norms(g)[:, 0]
                 sq += spread.pow(2)
             else:
-                aa, gg = bmm_f32(a, a.transpose(1, 2)), bmm_f32(g, g.transpose(1, 2))
+                aa, gg = gram(a), gram(g)
                 sq += _gram_product(aa, gg)
                 spread = (_diagonal_norms(aa) * _diagonal_norms(gg)).sum(1) if self._rounds(captured) else None
                 del aa, gg
