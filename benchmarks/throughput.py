@@ -462,6 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat all configurations; report per-mode medians")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -471,24 +472,45 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(worker(cfg)), flush=True)
         return
 
-    results = []
-    for cfg in _configs(args):
-        r = _run_one(cfg, args.timeout)
-        status = r.get("error") or (
-            f"{r['samples_per_s']:.1f} samples/s, {r['cpu_s_per_step']:.3f} CPU s/step, peak {r['peak_mib']:.0f} MiB"
-        )
-        print(
-            f"[{cfg['model']} b={cfg['batch_size']} {cfg['precision']} {cfg['mode']}] {status}",
-            file=sys.stderr,
-            flush=True,
-        )
-        results.append(r)
+    configs = _configs(args)
+    rounds: list[list[dict[str, Any]]] = []
+    for _ in range(args.rounds):  # interleaved rounds: a noisy shared machine affects every mode alike
+        rounds.append([])
+        for cfg in configs:
+            r = _run_one(cfg, args.timeout)
+            status = r.get("error") or (
+                f"{r['samples_per_s']:.1f} samples/s, {r['cpu_s_per_step']:.3f} CPU s/step,"
+                f" peak {r['peak_mib']:.0f} MiB"
+            )
+            print(
+                f"[{cfg['model']} b={cfg['batch_size']} {cfg['precision']} {cfg['mode']}] {status}",
+                file=sys.stderr,
+                flush=True,
+            )
+            rounds[-1].append(r)
+    results = [_median_of(list(runs)) for runs in zip(*rounds)]
     print(_table(results))
     print()
     print(_headline())
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"results": results, "rounds": rounds}, f, indent=2)
+
+
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's runs: the medians of the step times, the largest peak; an error if every run failed."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    out = dict(ok[0])
+    for key in ("step_s", "cpu_s_per_step"):
+        out[key] = statistics.median(r[key] for r in ok)
+    out["samples_per_s"] = out["batch_size"] / out["step_s"]
+    for key in ("peak_mib", "peak_growth_mib"):
+        if key in out:
+            out[key] = max(r[key] for r in ok)
+    out["rounds"] = len(ok)
+    return out
 
 
 if __name__ == "__main__":
