@@ -226,6 +226,22 @@ class ClippingEngine(ABC):
             )
         return ids.pop()
 
+    @contextmanager
+    def _layer_work(self, full_precision: bool = True) -> Iterator[None]:
+        """For subclasses, around the per-layer work of a backward hook: no capture meanwhile (a rule that runs a
+        module's forward, e.g. with ``torch.func``, must not be recorded as a call) and, if ``full_precision``,
+        fp32 matmuls without TF32 (needed where norms and sums come from different products, as ghost norms).
+        """
+        capturing, self._capturing = self._capturing, False
+        try:
+            if full_precision:
+                with full_precision_matmuls():
+                    yield
+            else:
+                yield
+        finally:
+            self._capturing = capturing
+
     def _group_ready(self, group: Contribution, defer: bool = False) -> None:
         """For subclasses, from a backward hook: ``group``'s layer has all its output gradients for this micro-batch.
 

@@ -39,7 +39,7 @@ from lightning_dp.engine.base import ClippingEngine, NonFiniteMode
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
 from lightning_dp.engine.ghost_layers import GhostLayer, GhostRecord, ghost_layer_for
 from lightning_dp.engine.ghost_layers.matmul import MatmulCaptured
-from lightning_dp.engine.layers import full_precision_matmuls, plan_layers
+from lightning_dp.engine.layers import plan_layers
 from lightning_dp.errors import DPMisconfigurationError
 
 
@@ -252,11 +252,11 @@ class GhostEngine(ClippingEngine):
             del self._records[index]
             self._completed.add(index)
             planned = self._layers[index]
-            with full_precision_matmuls():
+            with self._layer_work():
                 group = self._group_of(planned, records)
-            for r in records:  # the output tensors' hooks hold the records until the graph goes: empty them now
-                r.inputs, r.grad = [], None
-            self._group_ready(group, defer=planned.shared)
+                for r in records:  # the output tensors' hooks hold the records until the graph goes: empty them
+                    r.inputs, r.grad = [], None
+                self._group_ready(group, defer=planned.shared)
 
     def _reentered(self, index: int) -> None:
         raise DPMisconfigurationError(

@@ -97,16 +97,17 @@ class HookEngine(ClippingEngine):
         acts = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in activations]
         activations.clear()  # the output tensor's hook holds this list until the graph goes: free the inputs now
         layer = self._grad_samples.setdefault(index, {})
-        for p, gs in rule(mod, acts, grad.float()).items():
-            if not p.requires_grad:
-                continue
-            prev = layer.get(p)
-            layer[p] = gs if prev is None else prev + gs
-        self._arrived[index] = self._arrived.get(index, 0) + 1
-        if self._arrived[index] == self._calls.get(index, 0):  # all the layer's calls are in: hand the group over
-            grads = self._grad_samples.pop(index)
-            if grads:
-                self._group_ready(PerSampleGradients(self._layers[index][0], grads))
+        with self._layer_work(full_precision=False):  # norms and sums both come from these per-sample gradients
+            for p, gs in rule(mod, acts, grad.float()).items():
+                if not p.requires_grad:
+                    continue
+                prev = layer.get(p)
+                layer[p] = gs if prev is None else prev + gs
+            self._arrived[index] = self._arrived.get(index, 0) + 1
+            if self._arrived[index] == self._calls.get(index, 0):  # all the layer's calls are in: hand it over
+                grads = self._grad_samples.pop(index)
+                if grads:
+                    self._group_ready(PerSampleGradients(self._layers[index][0], grads))
 
     # ------------------------------------------------------------------ capture
     @override

@@ -18,7 +18,6 @@ inflated by it, so that no clipped example exceeds C. On CPU the scaled rows sta
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,7 +30,9 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 #: devices with ``mm`` / ``bmm`` ``out_dtype=torch.float32`` kernels for low-precision inputs
 _OUT_DTYPE_DEVICES = ("cuda", "meta")
 
-_state = threading.local()
+#: set by :func:`emulate_rounded_scaling` (a module global, not thread-local: CUDA runs backward hooks in another
+#: thread; the emulation is for CPU tests only)
+_emulate = False
 
 
 @contextmanager
@@ -39,12 +40,12 @@ def emulate_rounded_scaling() -> Iterator[None]:
     """While inside, clip-scaled low-precision rows are rounded back to their dtype on every device, as on CUDA
     (the products themselves stay exact: they are formed in fp32). For tests of the rounding bound on CPU.
     """
-    previous = getattr(_state, "emulate", False)
-    _state.emulate = True
+    global _emulate
+    previous, _emulate = _emulate, True
     try:
         yield
     finally:
-        _state.emulate = previous
+        _emulate = previous
 
 
 def has_out_dtype_kernels(x: Tensor) -> bool:
@@ -54,7 +55,7 @@ def has_out_dtype_kernels(x: Tensor) -> bool:
 
 def rounds_scaled_rows(x: Tensor) -> bool:
     """Whether :func:`scale_rows` returns ``x``'s low-precision dtype (rounding) rather than fp32 (exact to fp32)."""
-    return x.dtype in LOW_PRECISION and (x.device.type in _OUT_DTYPE_DEVICES or getattr(_state, "emulate", False))
+    return x.dtype in LOW_PRECISION and (x.device.type in _OUT_DTYPE_DEVICES or _emulate)
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
