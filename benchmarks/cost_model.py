@@ -132,6 +132,7 @@ class Costs:
     syncs: int = 0
     kernels: int = 0
     held_bytes: float = 0.0  #: what the engine keeps at the end of backward (A and G, per-sample small groups)
+    parts: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def seconds(self, dev: dict[str, float] = H100) -> float:
         """The roofline time (compute and memory added, no overlap), or the kernels' launch time if longer."""
@@ -145,42 +146,49 @@ class Costs:
 
 
 def engine_costs(shapes: Shapes, precision: str, clipping: str = "flat") -> Costs:
-    """The ghost engine's extra work over the non-private step (see the module docstring)."""
+    """The ghost engine's extra work over the non-private step (see the module docstring), with a breakdown by
+    part in ``Costs.parts`` (name → (FLOPs, bytes)).
+    """
     low = precision == "bf16-mixed"
     e = 2 if low else 4
     c = Costs()
-    large_groups = 0
-    for m in shapes.matmuls:
-        b, t, d, p = m.b, m.t, m.d, m.p
-        ghost = 2 * t * t <= d * p
-        if ghost:
-            flops = 2 * b * t * t * (d + p)
-            c.bytes += b * t * (d + p) * e + 2 * 2 * b * t * t * 4  # read A, G; write and read the Grams
-        else:
-            flops = 2 * b * t * d * p
-            c.bytes += b * t * (d + p) * e + 2 * b * d * p * 4  # read A, G; write and read per-sample grads
-        if low:
+
+    def add(part: str, flops: float = 0.0, nbytes: float = 0.0, tc: bool = low) -> None:
+        if tc:
             c.tc_flops += flops
         else:
             c.fp32_flops += flops
-            # the clipped sum replaces autograd's TF32 weight gradient by an fp32 CUDA-core GEMM
-            c.fp32_flops += 2 * b * t * d * p
+        c.bytes += nbytes
+        f0, b0 = c.parts.get(part, (0.0, 0.0))
+        c.parts[part] = (f0 + flops, b0 + nbytes)
+
+    large_groups = 0
+    for m in shapes.matmuls:
+        b, t, d, p = m.b, m.t, m.d, m.p
+        if 2 * t * t <= d * p:  # ghost norm: read A and G, write and read the two Gram matrices
+            add("ghost norms", 2 * b * t * t * (d + p), b * t * (d + p) * e + 2 * 2 * b * t * t * 4)
+        else:  # instantiation: read A and G, write and read the per-sample gradients
+            add("instantiated norms", 2 * b * t * d * p, b * t * (d + p) * e + 2 * b * d * p * 4)
+        add("clip-scaled rows", nbytes=2 * b * t * min(d, p) * e)
+        if not low:  # the clipped sum replaces autograd's TF32 weight gradient by an fp32 CUDA-core GEMM
+            add("fp32 (not TF32) clipped sum", 2 * b * t * d * p, tc=False)
             c.tf32_flops -= 2 * b * t * d * p
-        c.bytes += 2 * b * t * min(d, p) * e  # the clip-scaled rows: read, write
         if m.bias:
-            c.bytes += b * t * p * e  # per-sample bias sums
-        c.bytes += 2 * d * p * 4  # the running fp32 sum of the clipped weight
+            add("per-sample bias sums", nbytes=b * t * p * e)
+        add("running sums", nbytes=2 * d * p * 4)
         c.held_bytes += b * t * (d + p) * e + b * p * 4
         c.kernels += 18  # Grams, their product and diagonals, bias sums; scaling, GEMM, running sum
         large_groups += 1
     for b, t, d in shapes.norms:
-        c.bytes += b * t * d * (4 + 4 + 4 + e + 4)  # recompute the normalised input, times G, reduce
+        # x (fp32) read, the normalised input written and read, G (fp32: the output gradient of a LayerNorm feeding
+        # an autocast cast) read twice (weight and bias), the product written and read
+        add("LayerNorm per-sample gradients", nbytes=b * t * d * (4 + 8 + 8 + 8))
         c.held_bytes += 2 * b * d * 4
         c.kernels += 10
     c.kernels += 40  # broadcast copies, clip factors, non-finite check, noise, flat buffer
-    c.bytes += 4 * shapes.batch * shapes.broadcast_numel * 4  # per-sample copies and their gradients
+    add("broadcast parameters", nbytes=4 * shapes.batch * shapes.broadcast_numel * 4)
     c.held_bytes += shapes.batch * shapes.broadcast_numel * 4
-    c.bytes += 6 * shapes.params * 4  # noise draw and add, the flat buffer of the clipped sum
+    add("noise and flat buffer", nbytes=6 * shapes.params * 4)
     c.syncs = 1
     if clipping == "per_layer":
         c.syncs += large_groups
@@ -328,11 +336,32 @@ def describe(pred: Prediction) -> str:
     )
 
 
+def breakdown(cfg: dict[str, Any], clipping: str = "flat") -> str:
+    """The engine's extra work by part: TFLOP, GB and roofline milliseconds."""
+    costs = engine_costs(model_shapes(cfg), cfg["precision"], clipping)
+    lines = ["| part | TFLOP | GB | ms at the roofline |", "|---|---|---|---|"]
+    for part, (flops, nbytes) in costs.parts.items():
+        one = Costs(bytes=nbytes)
+        if cfg["precision"] == "bf16-mixed" or part != "fp32 (not TF32) clipped sum" and "norms" not in part:
+            one.tc_flops = flops
+        else:
+            one.fp32_flops = flops
+        if part == "fp32 (not TF32) clipped sum":
+            one.tf32_flops = -flops
+        lines.append(f"| {part} | {flops / 1e12:.2f} | {nbytes / 1e9:.2f} | {one.seconds() * 1e3:.2f} |")
+    lines.append(f"| host synchronisations | | | {costs.syncs * H100['sync_s'] * 1e3:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     for precision in ("bf16-mixed", "32"):
         for clipping in ("flat", "per_layer"):
             cfg = dict(model="vit_base_patch16_224", img_size=224, batch_size=128, precision=precision, num_classes=100)
             print(describe(predict(cfg, clipping)))
+    cfg = dict(model="vit_base_patch16_224", img_size=224, batch_size=128, precision="bf16-mixed", num_classes=100)
+    print()
+    print("ViT-B/16, 224 px, batch 128, bf16-mixed, flat clipping: the engine's extra work by part (predicted)")
+    print(breakdown(cfg))
     print("constants:", H100)
 
 

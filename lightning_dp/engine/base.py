@@ -435,10 +435,9 @@ class ClippingEngine(ABC):
         if count == 0:
             return 0
         if self.nonfinite == "error":
-            sq_shape = bad.shape[0]
             indices = tuple(int(i) for i in torch.nonzero(bad).flatten().tolist())
             raise NonFiniteGradientError(
-                f"{count} of the {sq_shape} examples of this micro-batch have a non-finite (NaN or infinite)"
+                f"{count} of the {bad.shape[0]} examples of this micro-batch have a non-finite (NaN or infinite)"
                 f" per-sample gradient norm (positions {list(indices)} in the micro-batch). Look for NaN/inf in"
                 " those examples' inputs and per-sample losses (torch.isfinite), a log(0) or a division by zero in"
                 " the loss, or an fp16 overflow. To train on while dropping such examples (each adds exactly zero"
