@@ -6,18 +6,25 @@ Modes (AdamW, synthetic data, the same model and precision in each):
 - ``opacus_hooks``: Opacus ``GradSampleModule`` + ``DPOptimizer`` (per-sample gradients by hooks).
 - ``opacus_ghost``: Opacus ``GradSampleModuleFastGradientClipping`` + ``DPOptimizerFastGradientClipping`` +
   ``DPLossFastGradientClipping`` (ghost clipping, two backward passes).
-- ``ldp_hooks`` / ``ldp_ghost``: lightning_dp through a real ``lightning.Trainer`` + ``DPStrategy(engine=...)``.
+- ``ldp_hooks`` / ``ldp_ghost``: lightning_dp through a real ``lightning.Trainer`` + ``DPStrategy(engine=...)``, with
+  the ε refresh on (its default budget), as in real runs.
 - ``engine_hooks`` / ``engine_ghost``: the bare lightning_dp engines in a plain loop (capture → clip → noise → step).
+- ``ldp_ghost_per_layer`` / ``engine_ghost_per_layer``: the same with ``clipping="per_layer"`` (clipped in backward).
 
 Opacus cannot handle timm ViT's raw ``cls_token`` / ``pos_embed`` per layer, so they are frozen in the Opacus modes
 (column ``raw``); every other mode trains them. The step time is the median over the timed steps after warm-up,
-excluding data loading (synthetic batches are already on the device). Peak memory: ``torch.cuda.max_memory_allocated``
-on GPU; on CPU the process's peak RSS (``ru_maxrss``) and its growth over the RSS after imports.
+excluding data loading (synthetic batches are already on the device); beside the wall time, the process CPU time per
+step (``time.process_time``, all threads: the measure to compare on a shared machine). Peak memory:
+``torch.cuda.max_memory_allocated`` on GPU; on CPU the process's peak RSS (``ru_maxrss``) and its growth over the RSS
+after imports. The last columns come from ``benchmarks/cost_model.py``: the ghost engine's extra TFLOP and GB per step
+for the row's shapes, and the throughput ratio the model predicts on an H100 (calibrated on the measured non-private
+ViT-B/16 reference; PREDICTED, NOT MEASURED).
 
 Examples:
     python benchmarks/throughput.py                      # GPU: ViT-Ti/S/B at 224 px, batch 64/128/256
-    python benchmarks/throughput.py --precision bf16-mixed --out bf16.json
-    python benchmarks/throughput.py --small              # CPU: a small ViT-Tiny at 32 px
+    python benchmarks/throughput.py --models vit_base_patch16_224 --batch-sizes 128 --precision bf16-mixed \
+        --modes nonprivate ldp_ghost ldp_ghost_per_layer opacus_ghost --out vitb_bf16.json   # the issue's bar
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/throughput.py --small --precision 32 bf16-mixed   # CPU
 """
 
 from __future__ import annotations
@@ -32,18 +39,37 @@ import sys
 import time
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cost_model.py beside this file
+
 ALL_MODES = [
     "nonprivate",
     "opacus_hooks",
     "opacus_ghost",
     "ldp_hooks",
     "ldp_ghost",
+    "ldp_ghost_per_layer",
     "engine_hooks",
     "engine_ghost",
+    "engine_ghost_per_layer",
 ]
 OPACUS_MODES = {"opacus_hooks", "opacus_ghost"}
 NOISE_MULTIPLIER = 1.0
 MAX_GRAD_NORM = 1.0
+
+#: ``--small`` (CPU): a small ViT-Tiny, and two ViT-B/16 blocks at 224 px (the shapes of the issue's bar: T = 197,
+#: d = 768, MLP 3072) at a batch a CPU can afford.
+SMALL_CONFIGS = [
+    dict(model="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=6, batch_sizes=[32, 64]),
+    dict(model="vit_base_patch16_224", img_size=224, patch_size=16, depth=2, batch_sizes=[8]),
+]
+
+
+def engine_and_clipping(mode: str) -> tuple[str, str]:
+    """``"ldp_ghost_per_layer"`` → ``("ghost", "per_layer")``; ``"engine_hooks"`` → ``("hooks", "flat")``."""
+    rest = mode.split("_", 1)[1]
+    if rest.endswith("_per_layer"):
+        return rest[: -len("_per_layer")], "per_layer"
+    return rest, "flat"
 
 
 # ---------------------------------------------------------------------------------------------------- worker
@@ -86,8 +112,8 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize()
 
 
-def _plain_loop(cfg: dict[str, Any], model: Any, device: Any) -> list[float]:
-    """Run ``warmup + steps`` steps of the plain-loop modes; return the timed step durations."""
+def _plain_loop(cfg: dict[str, Any], model: Any, device: Any) -> tuple[list[float], list[float]]:
+    """Run ``warmup + steps`` steps of the plain-loop modes; return the timed steps' wall and CPU durations."""
     import torch
     from torch import nn
 
@@ -142,22 +168,24 @@ def _plain_loop(cfg: dict[str, Any], model: Any, device: Any) -> list[float]:
             loss.backward()
             dp_opt.step()
 
-    elif mode in ("engine_hooks", "engine_ghost"):
+    elif mode.startswith("engine_"):
         from lightning_dp.engine import build_engine
         from lightning_dp.noise import privatize
+        from lightning_dp.randomness import TorchSource
 
-        engine = build_engine(mode.split("_", 1)[1], model)
+        engine_name, clipping = engine_and_clipping(mode)
+        engine = build_engine(engine_name, model)
         engine.attach()
-        generator = torch.Generator(device=device).manual_seed(0)
+        source = TorchSource(0)
 
         def step() -> None:
             with engine.capture(b):
                 with _autocast(cfg, device):
                     loss = criterion(model(x), y)
                 loss.backward()
-            engine.clip_and_accumulate(MAX_GRAD_NORM)
+            engine.clip_and_accumulate(MAX_GRAD_NORM, clipping)
             grads = privatize(
-                engine.pop_summed(), noise_std=NOISE_MULTIPLIER * MAX_GRAD_NORM, normalizer=b, generator=generator
+                engine.pop_summed(), noise_std=NOISE_MULTIPLIER * MAX_GRAD_NORM, normalizer=b, source=source
             )
             for p, g in grads.items():
                 p.grad = g
@@ -167,19 +195,20 @@ def _plain_loop(cfg: dict[str, Any], model: Any, device: Any) -> list[float]:
     else:
         raise ValueError(mode)
 
-    times = []
+    times, cpu_times = [], []
     for i in range(cfg["warmup"] + cfg["steps"]):
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         _sync(device)
         if i >= cfg["warmup"]:
             times.append(time.perf_counter() - start)
-    return times
+            cpu_times.append(time.process_time() - cpu_start)
+    return times, cpu_times
 
 
-def _lightning_loop(cfg: dict[str, Any], model: Any, device: Any) -> list[float]:
-    """Run the lightning_dp modes through a real Trainer; return the timed step durations."""
+def _lightning_loop(cfg: dict[str, Any], model: Any, device: Any) -> tuple[list[float], list[float]]:
+    """Run the lightning_dp modes through a real Trainer; return the timed steps' wall and CPU durations."""
     import lightning as L
     import torch
     from torch import nn
@@ -210,25 +239,28 @@ def _lightning_loop(cfg: dict[str, Any], model: Any, device: Any) -> list[float]
     class Timer(L.Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
-            self._start = 0.0
+            self.cpu_times: list[float] = []
+            self._start = self._cpu_start = 0.0
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             _sync(device)
-            self._start = time.perf_counter()
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             _sync(device)
             self.times.append(time.perf_counter() - self._start)
+            self.cpu_times.append(time.process_time() - self._cpu_start)
 
-    # Fixed-size shuffled batches (poisson_sampling=False) so every timed step has exactly `b` examples; ε is
-    # evaluated once, during warm-up (epsilon_refresh_steps covers the run).
+    # Fixed-size shuffled batches (poisson_sampling=False) so every timed step has exactly `b` examples. The ε
+    # refresh keeps its default (a bounded share of the run's time), as in real runs; the median step hides it.
+    engine_name, clipping = engine_and_clipping(cfg["mode"])
     strategy = DPStrategy(
         noise_multiplier=NOISE_MULTIPLIER,
         max_grad_norm=MAX_GRAD_NORM,
         poisson_sampling=False,
-        epsilon_refresh_steps=total,
         sampling_seed=0,
-        engine=cfg["mode"].split("_", 1)[1],
+        engine=engine_name,
+        clipping=clipping,
     )
     timer = Timer()
     trainer = L.Trainer(
@@ -245,7 +277,7 @@ def _lightning_loop(cfg: dict[str, Any], model: Any, device: Any) -> list[float]
         callbacks=[timer],
     )
     trainer.fit(Module(), DataLoader(TensorDataset(xs, ys), batch_size=b, shuffle=True))
-    return timer.times[cfg["warmup"] :]
+    return timer.times[cfg["warmup"] :], timer.cpu_times[cfg["warmup"] :]
 
 
 def worker(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -260,11 +292,17 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     rss_after_imports = _rss_mib()
     model = _build_model(cfg).to(device).train()
     if cfg["mode"].startswith("ldp_"):
-        times = _lightning_loop(cfg, model, device)
+        times, cpu_times = _lightning_loop(cfg, model, device)
     else:
-        times = _plain_loop(cfg, model, device)
+        times, cpu_times = _plain_loop(cfg, model, device)
     step = statistics.median(times)
-    out = dict(cfg, step_s=step, samples_per_s=cfg["batch_size"] / step, timed_steps=len(times))
+    out = dict(
+        cfg,
+        step_s=step,
+        samples_per_s=cfg["batch_size"] / step,
+        cpu_s_per_step=statistics.median(cpu_times),
+        timed_steps=len(times),
+    )
     if device.type == "cuda":
         out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -278,34 +316,37 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
 def _configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = args.device or ("cuda" if _cuda_available() else "cpu")
     if args.small:
-        models = args.models or ["vit_tiny_patch16_224"]
-        batches = args.batch_sizes or [32, 64]
-        img, patch, depth = args.img_size or 32, args.patch_size or 8, args.depth or 6
+        families = [dict(c) for c in SMALL_CONFIGS if not args.models or c["model"] in args.models]
         steps, warmup = args.steps or 5, args.warmup or 2
     else:
         models = args.models or ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
-        batches = args.batch_sizes or [64, 128, 256]
-        img, patch, depth = args.img_size or 224, args.patch_size, args.depth
+        families = [
+            dict(model=m, img_size=224, patch_size=None, depth=None, batch_sizes=[64, 128, 256]) for m in models
+        ]
         steps, warmup = args.steps or 10, args.warmup or 3
     out = []
-    for model in models:
-        for b in batches:
-            for mode in args.modes:
-                out.append(
-                    dict(
-                        model=model,
-                        batch_size=b,
-                        mode=mode,
-                        img_size=img,
-                        patch_size=patch,
-                        depth=depth,
-                        num_classes=args.num_classes,
-                        precision=args.precision,
-                        steps=steps,
-                        warmup=warmup,
-                        device=device,
+    for fam in families:
+        img = args.img_size or fam["img_size"]
+        patch = args.patch_size or fam["patch_size"]
+        depth = args.depth or fam["depth"]
+        for precision in args.precision:
+            for b in args.batch_sizes or fam["batch_sizes"]:
+                for mode in args.modes:
+                    out.append(
+                        dict(
+                            model=fam["model"],
+                            batch_size=b,
+                            mode=mode,
+                            img_size=img,
+                            patch_size=patch,
+                            depth=depth,
+                            num_classes=args.num_classes,
+                            precision=precision,
+                            steps=steps,
+                            warmup=warmup,
+                            device=device,
+                        )
                     )
-                )
     return out
 
 
@@ -328,16 +369,43 @@ def _run_one(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
     return dict(cfg, error=reason[:160])
 
 
+def _prediction_key(r: dict[str, Any]) -> tuple:
+    clipping = engine_and_clipping(r["mode"])[1]
+    return (r["model"], r["img_size"], r.get("patch_size"), r.get("depth"), r["batch_size"], r["precision"], clipping)
+
+
+def _predictions(results: list[dict[str, Any]]) -> dict[tuple, Any]:
+    """The cost model's prediction per (shapes, precision, clipping) of the ghost-engine rows."""
+    from cost_model import predict
+
+    out: dict[tuple, Any] = {}
+    for r in results:
+        if "ghost" not in r["mode"] or r["mode"].startswith("opacus") or "error" in r:
+            continue
+        key = _prediction_key(r)
+        if key not in out:
+            try:
+                out[key] = predict(r, key[-1])
+            except Exception as err:  # the model is a diagnostic: never lose the measured table for it
+                print(f"cost model failed for {key}: {err}", file=sys.stderr)
+                out[key] = None
+    return out
+
+
 def _table(results: list[dict[str, Any]]) -> str:
     cpu = any(r.get("device") == "cpu" for r in results)
     mem_head = "peak RSS MiB (+growth)" if cpu else "peak MiB"
-    head = f"| model | batch | prec | mode | raw params | samples/s | × non-private | {mem_head} |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = (
+        f"| model | batch | prec | mode | raw params | samples/s | × non-private | CPU s/step | × non-private (CPU)"
+        f" | {mem_head} | × non-private (mem) | model: extra TFLOP / GB | predicted H100 × (not measured) |"
+    )
+    lines = [head, "|" + "---|" * 13]
     ref = {
-        (r["model"], r["batch_size"], r["precision"]): r["samples_per_s"]
+        (r["model"], r["batch_size"], r["precision"]): r
         for r in results
         if r["mode"] == "nonprivate" and "samples_per_s" in r
     }
+    predictions = _predictions(results)
     for r in results:
         raw = "frozen" if r["mode"] in OPACUS_MODES else "trained"
         name = r["model"].replace("_patch16_224", "")
@@ -348,23 +416,41 @@ def _table(results: list[dict[str, Any]]) -> str:
             name += f" ({r['img_size']}px)"
         if "error" in r:
             lines.append(
-                f"| {name} | {r['batch_size']} | {r['precision']} | {r['mode']} | {raw} | — | — | error: {r['error']} |"
+                f"| {name} | {r['batch_size']} | {r['precision']} | {r['mode']} | {raw} | — | — | — | — |"
+                f" error: {r['error']} | — | — | — |"
             )
             continue
         base = ref.get((r["model"], r["batch_size"], r["precision"]))
-        ratio = f"{r['samples_per_s'] / base:.2f}" if base else "—"
+        ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}" if base else "—"
+        cpu_ratio = f"{base['cpu_s_per_step'] / r['cpu_s_per_step']:.2f}" if base else "—"
+        mem_ratio = f"{r['peak_mib'] / base['peak_mib']:.2f}" if base else "—"
         mem = f"{r['peak_mib']:.0f}" + (f" (+{r['peak_growth_mib']:.0f})" if "peak_growth_mib" in r else "")
+        model_cols = "— | —"
+        if "ghost" in r["mode"] and not r["mode"].startswith("opacus"):
+            pred = predictions.get(_prediction_key(r))
+            if pred is not None:
+                model_cols = f"{pred.extra_tflop:.3f} / {pred.extra_gb:.2f} | {pred.ratio_calibrated:.2f}"
         lines.append(
             f"| {name} | {r['batch_size']} | {r['precision']} | {r['mode']} | {raw} | {r['samples_per_s']:.1f} |"
-            f" {ratio} | {mem} |"
+            f" {ratio} | {r['cpu_s_per_step']:.3f} | {cpu_ratio} | {mem} | {mem_ratio} | {model_cols} |"
         )
     return "\n".join(lines)
 
 
+def _headline() -> str:
+    """The cost model's prediction for the issue's bar: ViT-B/16, 224 px, batch 128, bf16-mixed, on an H100."""
+    from cost_model import describe, predict
+
+    cfg = dict(model="vit_base_patch16_224", img_size=224, batch_size=128, precision="bf16-mixed", num_classes=100)
+    return "\n".join(describe(predict(cfg, clipping)) for clipping in ("flat", "per_layer"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="a small CPU configuration (ViT-Tiny, 32 px, patch 8)")
-    parser.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
+    parser.add_argument(
+        "--small", action="store_true", help="CPU configurations: ViT-Tiny at 32 px, and two ViT-B/16 blocks at 224 px"
+    )
+    parser.add_argument("--precision", nargs="+", choices=["32", "bf16-mixed"], default=["32"])
     parser.add_argument("--models", nargs="+", default=None)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None)
     parser.add_argument("--modes", nargs="+", choices=ALL_MODES, default=ALL_MODES)
@@ -376,6 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat all configurations; report per-mode medians")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -385,16 +472,45 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(worker(cfg)), flush=True)
         return
 
-    results = []
-    for cfg in _configs(args):
-        r = _run_one(cfg, args.timeout)
-        status = r.get("error") or f"{r['samples_per_s']:.1f} samples/s, peak {r['peak_mib']:.0f} MiB"
-        print(f"[{cfg['model']} b={cfg['batch_size']} {cfg['mode']}] {status}", file=sys.stderr, flush=True)
-        results.append(r)
+    configs = _configs(args)
+    rounds: list[list[dict[str, Any]]] = []
+    for _ in range(args.rounds):  # interleaved rounds: a noisy shared machine affects every mode alike
+        rounds.append([])
+        for cfg in configs:
+            r = _run_one(cfg, args.timeout)
+            status = r.get("error") or (
+                f"{r['samples_per_s']:.1f} samples/s, {r['cpu_s_per_step']:.3f} CPU s/step,"
+                f" peak {r['peak_mib']:.0f} MiB"
+            )
+            print(
+                f"[{cfg['model']} b={cfg['batch_size']} {cfg['precision']} {cfg['mode']}] {status}",
+                file=sys.stderr,
+                flush=True,
+            )
+            rounds[-1].append(r)
+    results = [_median_of(list(runs)) for runs in zip(*rounds)]
     print(_table(results))
+    print()
+    print(_headline())
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"results": results, "rounds": rounds}, f, indent=2)
+
+
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's runs: the medians of the step times, the largest peak; an error if every run failed."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    out = dict(ok[0])
+    for key in ("step_s", "cpu_s_per_step"):
+        out[key] = statistics.median(r[key] for r in ok)
+    out["samples_per_s"] = out["batch_size"] / out["step_s"]
+    for key in ("peak_mib", "peak_growth_mib"):
+        if key in out:
+            out[key] = max(r[key] for r in ok)
+    out["rounds"] = len(ok)
+    return out
 
 
 if __name__ == "__main__":

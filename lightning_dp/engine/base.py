@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_dp.clipping import ClippingMode, clip_factors
+from lightning_dp.clipping import ClippingMode, clip_factors, per_layer_bound
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients, merge_shared
 from lightning_dp.engine.layers import (
     BroadcastParameter,
@@ -61,6 +61,9 @@ class ClippingEngine(ABC):
     - :meth:`_contributions`: the captured micro-batch as one :class:`~lightning_dp.engine.contributions.Contribution`
       per parameter group (per layer): per-sample squared norms and a clipped-sum method. A group holding a masked
       parameter must be :class:`~lightning_dp.engine.contributions.PerSampleGradients` (masks act on coordinates).
+      A subclass should instead hand each group to :meth:`_group_ready` from its backward hook as soon as the layer's
+      output gradients are complete (and free the records it was formed from); :meth:`_contributions` then returns
+      only the groups that never completed.
     - :meth:`_free_capture`: drop what the capture stored.
 
     Non-finite examples: an example whose per-sample gradient norm is NaN or infinite (a NaN/inf input row, a
@@ -77,6 +80,11 @@ class ClippingEngine(ABC):
             gradients are then rescaled by ``b``), ``"sum"`` if it sums them.
         nonfinite: ``"skip"`` (default) zeroes out and counts examples with a non-finite per-sample gradient norm;
             ``"error"`` raises :class:`~lightning_dp.errors.NonFiniteGradientError`.
+
+    Per-layer clipping: see the module docstring. The parameter groups (:attr:`clipping_groups`) are fixed by the
+    model: each hooked layer's trained parameters (layers sharing a parameter form one group) and each broadcast
+    parameter. In this mode an example whose norm is non-finite in a group adds exactly zero *in that group* (and is
+    counted once); its other groups are clipped as usual.
 
     Attributes:
         check_against_autograd: on the next micro-batch without non-finite examples, check that the engine's
@@ -127,7 +135,14 @@ class ClippingEngine(ABC):
         self.last_nonfinite = 0
         self.check_against_autograd = True
         self.grad_masks: dict[nn.Parameter, Tensor] = {}
+        self._ready: list[Contribution] = []
+        self._per_layer_c: float | None = None  # the per-layer C seen last: clip in backward from the next capture
+        self._inline_c: float | None = None  # the C this capture clips with in backward (None: not in backward)
+        self._pending: dict[nn.Parameter, Tensor] = {}
+        self._pending_sq: Tensor | None = None
+        self._pending_bad: Tensor | None = None
         self._plan()
+        self._group_ids, self._groups, self._shared_groups = self._plan_clipping_groups()
 
     # ------------------------------------------------------------------ what a subclass provides
     @abstractmethod
@@ -159,6 +174,101 @@ class ClippingEngine(ABC):
     @abstractmethod
     def _free_capture(self) -> None:
         """Drop what the capture stored (activations, output gradients, per-sample gradients)."""
+
+    # ------------------------------------------------------------------ parameter groups
+    def _plan_clipping_groups(self) -> tuple[dict[nn.Parameter, int], list[tuple[nn.Parameter, ...]], set[int]]:
+        """Per trained parameter its group index; the groups: each broadcast parameter alone, every other parameter
+        with the other trained parameters of the module(s) owning it (modules sharing one are merged); and the
+        indices of the groups owned by several modules (their layers' contributions must be merged first).
+        """
+        trained = set(self.params)
+        broadcast = list(dict.fromkeys(p for *_, p in self._broadcast if p in trained))
+        broadcast_set = set(broadcast)
+        parent: dict[int, int] = {}
+
+        def root(x: int) -> int:
+            while parent.setdefault(x, x) != x:
+                x = parent[x]
+            return x
+
+        owner: dict[nn.Parameter, int] = {}
+        shared: set[nn.Parameter] = set()
+        for mod in self.module.modules():
+            for p in mod._parameters.values():
+                if p is None or p not in trained or p in broadcast_set:
+                    continue
+                if p in owner:
+                    parent[root(owner[p])] = root(id(mod))
+                    shared.add(p)
+                owner[p] = id(mod)
+                parent[root(id(mod))] = root(id(mod))
+        members: dict[int, list[nn.Parameter]] = {}
+        for p in self.params:
+            if p in owner:
+                members.setdefault(root(owner[p]), []).append(p)
+        groups = [(p,) for p in broadcast] + [tuple(ps) for ps in members.values()]
+        ids = {p: i for i, ps in enumerate(groups) for p in ps}
+        return ids, groups, {ids[p] for p in shared}
+
+    @property
+    def clipping_groups(self) -> list[tuple[str, ...]]:
+        """The parameter groups of per-layer clipping (parameter names), each bounded by ``C/√L`` with ``L`` their
+        number (:func:`lightning_dp.clipping.per_layer_bound`).
+        """
+        return [tuple(self.param_names.get(p, "?") for p in group) for group in self._groups]
+
+    def _group_id(self, group: Contribution) -> int:
+        ids = {self._group_ids[p] for p in group.params}
+        if len(ids) != 1:
+            raise RuntimeError(
+                f"{type(self).__name__} gave the group {group.name!r} with parameters of {len(ids)} clipping groups;"
+                " a contribution must lie within one layer's parameters (or one shared-parameter group)."
+            )
+        return ids.pop()
+
+    @contextmanager
+    def _layer_work(self, full_precision: bool = True) -> Iterator[None]:
+        """For subclasses, around the per-layer work of a backward hook: no capture meanwhile (a rule that runs a
+        module's forward, e.g. with ``torch.func``, must not be recorded as a call) and, if ``full_precision``,
+        fp32 matmuls without TF32 (needed where norms and sums come from different products, as ghost norms).
+        """
+        capturing, self._capturing = self._capturing, False
+        try:
+            if full_precision:
+                with full_precision_matmuls():
+                    yield
+            else:
+                yield
+        finally:
+            self._capturing = capturing
+
+    def _group_ready(self, group: Contribution, defer: bool = False) -> None:
+        """For subclasses, from a backward hook: ``group``'s layer has all its output gradients for this micro-batch.
+
+        With per-layer clipping in backward (see the module docstring) a whole group is clipped now into this
+        micro-batch's pending sum and dropped; otherwise it is kept for :meth:`clip_and_accumulate`.
+
+        Args:
+            group: the layer's contribution (its norms may be computed now: the layer's records can be freed).
+            defer: keep it for clipping time anyway (e.g. a layer sharing a parameter with another, whose groups
+                are merged first).
+        """
+        if group.params and self._inline_c is not None and not defer and self._clips_in_backward(group):
+            with full_precision_matmuls():
+                self._apply_masks([group])
+                self._clip_groups_per_layer([[group]], self._inline_c, sync_each=True)
+        else:
+            self._ready.append(group)
+
+    def _clips_in_backward(self, group: Contribution) -> bool:
+        """A group is clipped in backward if it is a whole clipping group of one layer and not tiny: per-sample
+        gradients of vector parameters only (norm scales, biases) are as small as a row of activations and wait for
+        clipping time, where all waiting groups share one host synchronisation.
+        """
+        gid = self._group_id(group)
+        if gid in self._shared_groups or set(group.params) != set(self._groups[gid]):
+            return False
+        return not (isinstance(group, PerSampleGradients) and all(p.dim() <= 1 for p in group.params))
 
     # ------------------------------------------------------------------ configuration
     def set_grad_masks(self, masks: dict[nn.Parameter, Tensor]) -> None:
@@ -233,6 +343,9 @@ class ClippingEngine(ABC):
         self._batch_size = batch_size
         for p in self.params:
             p.grad = None
+        self._reset_pending()
+        # Per-layer clipping in backward once the mode is known and autograd's sums are not needed any more.
+        self._inline_c = None if self.check_against_autograd else self._per_layer_c
         broadcast_grads: dict[nn.Parameter, Tensor] = {}
         self._broadcast_grads = broadcast_grads
         self._start_capture()
@@ -255,7 +368,9 @@ class ClippingEngine(ABC):
             PerSampleGradients(names.get(p, self.param_names.get(p, "?")), {p: gs})
             for p, gs in self._broadcast_grads.items()
         ]
+        groups += self._ready
         groups += self._contributions()
+        self._ready = []
         return merge_shared([g for g in groups if g.params])
 
     def _check_sums(self, groups: list[Contribution]) -> None:
@@ -303,14 +418,26 @@ class ClippingEngine(ABC):
             NonFiniteGradientError: with ``nonfinite="error"``, if any example's norm is NaN or infinite.
         """
         finite = torch.isfinite(sq)
-        count = int((~finite).sum())  # one host sync per micro-batch: the branch below needs it
+        if self._count_nonfinite(~finite) == 0:
+            return finite
+        for g in groups:
+            g.zero_examples(finite)
+        return finite
+
+    def _count_nonfinite(self, bad: Tensor) -> int:
+        """Count the examples flagged in ``bad`` (``(b,)`` booleans) as non-finite, or raise (``"error"``).
+
+        Raises:
+            NonFiniteGradientError: with ``nonfinite="error"``, if any is flagged.
+        """
+        count = int(bad.sum())  # one host sync per micro-batch: the branches need it
         self.last_nonfinite = count
         if count == 0:
-            return finite
+            return 0
         if self.nonfinite == "error":
-            indices = tuple(int(i) for i in torch.nonzero(~finite).flatten().tolist())
+            indices = tuple(int(i) for i in torch.nonzero(bad).flatten().tolist())
             raise NonFiniteGradientError(
-                f"{count} of the {sq.shape[0]} examples of this micro-batch have a non-finite (NaN or infinite)"
+                f"{count} of the {bad.shape[0]} examples of this micro-batch have a non-finite (NaN or infinite)"
                 f" per-sample gradient norm (positions {list(indices)} in the micro-batch). Look for NaN/inf in"
                 " those examples' inputs and per-sample losses (torch.isfinite), a log(0) or a division by zero in"
                 " the loss, or an fp16 overflow. To train on while dropping such examples (each adds exactly zero"
@@ -319,43 +446,129 @@ class ClippingEngine(ABC):
                 indices=indices,
             )
         self._nonfinite_count += count
-        for g in groups:
-            g.zero_examples(finite)
-        return finite
+        return count
+
+    def _reset_pending(self) -> None:
+        self._ready = []
+        self._pending = {}
+        self._pending_sq = None
+        self._pending_bad = None
 
     def _release(self) -> None:
         """Clear ``p.grad`` (it holds the micro-batch's non-private gradient) and free the capture."""
         for p in self.params:
             p.grad = None
         self._broadcast_grads = {}
+        self._reset_pending()
+        self._inline_c = None
         self._free_capture()
+
+    @staticmethod
+    def _rounding(groups: list[Contribution]) -> Tensor | None:
+        """``sqrt(Σ_groups r_g²)``: a bound on how far the groups' clipped sums may move an example by rounding,
+        per unit of its factor (None if every group's sum is exact to fp32).
+        """
+        parts = [r for r in (g.rounding_bounds() for g in groups) if r is not None]
+        if not parts:
+            return None
+        return torch.stack(parts).pow(2).sum(0).sqrt()
+
+    def _accumulate(self, target: dict[nn.Parameter, Tensor], group: Contribution, factors: Tensor) -> None:
+        for p, value in group.clipped_sum(factors).items():
+            acc = target.get(p)
+            target[p] = value if acc is None else acc + value
+
+    # ------------------------------------------------------------------ per-layer clipping
+    def _clip_groups_per_layer(self, clipping_groups: list[list[Contribution]], c: float, sync_each: bool) -> None:
+        """Clip each clipping group (a list of contributions of one group) by ``C/√L`` into the pending sum.
+
+        Squared norms and non-finite flags accumulate in ``_pending_sq`` / ``_pending_bad``. Examples with a
+        non-finite norm in a group are zeroed out in that group; the check costs one host synchronisation per call,
+        or per group with ``sync_each`` (a group clipped in backward must be clean before it is dropped).
+        """
+        scale = self._scale()
+        bound = per_layer_bound(c, len(self._groups))
+        parts: list[tuple[list[Contribution], Tensor]] = []
+        for contributions in clipping_groups:
+            sq = self._squared_norms(contributions, self._batch_size, self.params[0].device)
+            self._pending_sq = sq if self._pending_sq is None else self._pending_sq + sq
+            bad = ~torch.isfinite(sq)
+            self._pending_bad = bad if self._pending_bad is None else self._pending_bad | bad
+            parts.append((contributions, sq))
+            if sync_each:
+                self._clip_parts(parts, bound, scale)
+                parts = []
+        if parts:
+            self._clip_parts(parts, bound, scale)
+
+    def _clip_parts(self, parts: list[tuple[list[Contribution], Tensor]], bound: float, scale: float) -> None:
+        finite = [torch.isfinite(sq) for _, sq in parts]
+        if bool(torch.stack([~f for f in finite]).any()):  # the one host sync of these groups
+            for (contributions, _), keep in zip(parts, finite):
+                for g in contributions:
+                    g.zero_examples(keep)
+        for (contributions, sq), keep in zip(parts, finite):
+            norms = torch.where(keep, sq, 0.0).sqrt() * scale
+            r = self._rounding(contributions)
+            if r is not None:
+                norms = norms + torch.where(keep, r, 0.0) * scale
+            factors = clip_factors(norms, bound, "flat") * scale
+            for g in contributions:
+                self._accumulate(self._pending, g, factors)
+
+    def _finish_per_layer(self, groups: list[Contribution], c: float) -> Tensor:
+        """Clip the groups not clipped in backward, then count non-finite examples (or raise) and add the pending
+        sum to the running sum. Returns the flat per-sample norms.
+        """
+        by_id: dict[int, list[Contribution]] = {}
+        for g in groups:
+            by_id.setdefault(self._group_id(g), []).append(g)
+        self._clip_groups_per_layer(list(by_id.values()), c, sync_each=False)
+        b = self._batch_size
+        device = self.params[0].device
+        sq = self._pending_sq if self._pending_sq is not None else torch.zeros(b, device=device)
+        bad = self._pending_bad if self._pending_bad is not None else torch.zeros(b, dtype=torch.bool, device=device)
+        self._count_nonfinite(bad)
+        for p, value in self._pending.items():
+            acc = self._summed.get(p)
+            self._summed[p] = value if acc is None else acc + value
+        return (sq * self._scale() ** 2).sqrt()
 
     @final
     def clip_and_accumulate(
         self, max_grad_norm: float, clipping: ClippingMode = "flat", stability: float = 0.01
     ) -> Tensor:
-        """Clip the captured micro-batch with ``clipping`` (see :mod:`lightning_dp.clipping`; the norm is over all
-        parameters together) and add the clipped gradients to the running fp32 sum. Frees what the capture stored
-        and clears ``p.grad`` (it holds the micro-batch's non-private gradient), also when it raises.
+        """Clip the captured micro-batch with ``clipping`` (see :mod:`lightning_dp.clipping`) and add the clipped
+        gradients to the running fp32 sum. Frees what the capture stored and clears ``p.grad`` (it holds the
+        micro-batch's non-private gradient), also when it raises.
+
+        The clip factors come from the per-sample norms inflated by the groups' rounding bounds (zero where the
+        clipped sums are exact to fp32; see :mod:`lightning_dp.engine.precision`), so that no example exceeds its
+        bound under rounding.
 
         Args:
             max_grad_norm: C.
-            clipping: ``"flat"``, ``"normalized"`` or ``"automatic"``.
+            clipping: ``"flat"``, ``"normalized"``, ``"automatic"`` (the norm is over all parameters together) or
+                ``"per_layer"`` (each parameter group bounded by ``C/√L``, see :attr:`clipping_groups`). After a
+                ``"per_layer"`` call, later micro-batches are clipped inside their backward pass, which needs the
+                same mode and C on every call.
             stability: γ of automatic clipping.
 
         Returns:
-            The per-sample gradient norms before clipping, shape ``(b,)``, in fp32 (NaN/inf for a non-finite
-            example, which added zero).
+            The per-sample gradient norms before clipping (over all parameters, in every mode), shape ``(b,)``, in
+            fp32 (NaN/inf for a non-finite example, which added zero).
 
         Raises:
             NonFiniteGradientError: with ``nonfinite="error"``, for an example with a non-finite gradient norm.
-            DPMisconfigurationError: if the cross-check finds per-sample gradients that do not add up to autograd's.
+            DPMisconfigurationError: if the cross-check finds per-sample gradients that do not add up to autograd's,
+                or if the micro-batch was clipped in backward with another per-layer C than asked for now.
         """
         b = self._batch_size
         scale = self._scale()
         device = self.params[0].device
         try:
             with full_precision_matmuls():
+                self._check_backward_clipping(max_grad_norm, clipping)
                 groups = self._gather()
                 sq = self._squared_norms(groups, b, device)
                 if self.check_against_autograd and bool(torch.isfinite(sq).all()):
@@ -363,17 +576,40 @@ class ClippingEngine(ABC):
                     self.check_against_autograd = False  # once per run: it costs an extra pass
                 if self._apply_masks(groups):
                     sq = self._squared_norms(groups, b, device)
+                if clipping == "per_layer":
+                    norms = self._finish_per_layer(groups, max_grad_norm)
+                    self._per_layer_c = float(max_grad_norm)  # from now on: in backward
+                    return norms
+                self._per_layer_c = None  # a norm over all groups: nothing can be clipped in backward
                 finite = self._nonfinite_examples(groups, sq)
                 norms = (sq * scale**2).sqrt()
-                safe = norms if self.last_nonfinite == 0 else torch.where(finite, norms, 0.0)
+                bounds = norms
+                r = self._rounding(groups)
+                if r is not None:
+                    bounds = norms + r * scale
+                safe = bounds if self.last_nonfinite == 0 else torch.where(finite, bounds, 0.0)
                 factors = clip_factors(safe, max_grad_norm, clipping, stability) * scale
                 for g in groups:
-                    for p, value in g.clipped_sum(factors).items():
-                        acc = self._summed.get(p)
-                        self._summed[p] = value if acc is None else acc + value
+                    self._accumulate(self._summed, g, factors)
                 return norms
         finally:
             self._release()
+
+    def _check_backward_clipping(self, max_grad_norm: float, clipping: str) -> None:
+        """The micro-batch may have been clipped in backward (per-layer, with the C of the previous call).
+
+        Raises:
+            DPMisconfigurationError: if it was, with another mode or C than asked for now.
+        """
+        ran = self._inline_c is not None and self._pending_sq is not None
+        if ran and (clipping != "per_layer" or float(max_grad_norm) != self._inline_c):
+            raise DPMisconfigurationError(
+                f"This micro-batch was clipped per layer during its backward pass with max_grad_norm={self._inline_c}"
+                f" (the setting of the previous micro-batch), but clip_and_accumulate was called with"
+                f" clipping={clipping!r}, max_grad_norm={max_grad_norm}. Per-layer clipping runs in backward, so the"
+                " clipping mode and bound must stay the same between micro-batches; build a new engine to change"
+                " them."
+            )
 
     @final
     def probe_norms(self) -> Tensor:
@@ -391,6 +627,8 @@ class ClippingEngine(ABC):
                 groups = self._gather()
                 self._apply_masks(groups)
                 sq = self._squared_norms(groups, self._batch_size, self.params[0].device)
+                if self._pending_sq is not None:  # groups clipped in backward (their sum is discarded)
+                    sq = sq + self._pending_sq
                 return (sq * self._scale() ** 2).sqrt()
         finally:
             self._release()

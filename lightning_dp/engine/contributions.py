@@ -61,6 +61,13 @@ class Contribution(ABC):
             factors: ``(b,)`` fp32 per-sample factors.
         """
 
+    def rounding_bounds(self) -> Tensor | None:
+        """Per-sample ``r_i`` (``(b,)`` fp32, as the loss gives it) such that rounding inside :meth:`clipped_sum`
+        moves example ``i``'s contribution by at most ``factors_i · r_i`` in norm; None (default) when the clipped
+        sum is exact to fp32. The engine takes the clip factors from norms inflated by it.
+        """
+        return None
+
     @abstractmethod
     def zero_examples(self, keep: Tensor) -> None:
         """Set the stored data of the examples where ``keep`` is False to exactly zero, so that they add exactly

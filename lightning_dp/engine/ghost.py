@@ -13,6 +13,12 @@ handle the raw ``cls_token`` / ``pos_embed`` parameters of timm ViTs per layer (
 whole model's per-sample gradients with functorch, losing the memory saving). Here one backward pass suffices, the
 model is hooked in place, and raw broadcast parameters are covered as in :class:`~lightning_dp.engine.HookEngine`.
 
+Work happens in the backward hooks: as soon as the output gradients of all of a layer's calls have arrived, the layer's
+norms (ghost or instantiated) and the per-sample gradients of small layers (LayerNorm, biases) are computed and the
+layer's records are freed; only what the clipped sum still needs is kept (``A`` and ``G`` in the layer's own dtype for
+matrix-product layers, per-sample gradients for the others). With per-layer clipping the clipped sum is formed there
+too, and nothing is kept (see :class:`~lightning_dp.engine.ClippingEngine`).
+
 Because the engine forms the weight gradients itself, autograd's own weight gradients would be wasted work: after
 the first micro-batch (which autograd computes in full to check that every parameter's use is visible to the
 hooks), the engine switches the trainable parameters' ``requires_grad`` off during each captured forward and
@@ -32,7 +38,9 @@ from typing_extensions import override
 from lightning_dp.engine.base import ClippingEngine, NonFiniteMode
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
 from lightning_dp.engine.ghost_layers import GhostLayer, GhostRecord, ghost_layer_for
+from lightning_dp.engine.ghost_layers.matmul import MatmulCaptured
 from lightning_dp.engine.layers import plan_layers
+from lightning_dp.errors import DPMisconfigurationError
 
 
 @dataclass
@@ -70,6 +78,10 @@ class GhostContribution(Contribution):
         return self._squared
 
     @override
+    def rounding_bounds(self) -> Tensor | None:
+        return self.layer.rounding_bound(self.captured)
+
+    @override
     def clipped_sum(self, factors: Tensor) -> dict[nn.Parameter, Tensor]:
         return self.layer.clipped_sum(self.captured, factors)
 
@@ -93,9 +105,11 @@ class GhostEngine(ClippingEngine):
     :mod:`lightning_dp.engine.rules` (ours or Opacus's) fall back to per-sample instantiation with that rule,
     announced once when the engine is built.
 
-    Under autocast, the activations of linear and convolution layers are stored in the autocast dtype (as autograd
-    would save them); norms and clipped sums are computed from them in fp32 without TF32, so that rounding cannot
-    let a clipped example exceed C.
+    Under autocast, the input of a linear or convolution layer is cast to the autocast dtype just before its forward
+    (as autocast would), so that the activation the engine keeps is the tensor autograd saves; the output gradients
+    stay in the layer's dtype too. Norms and clipped sums are formed with exact products and fp32 accumulation (bf16
+    tensor cores with fp32 results on CUDA, see :mod:`lightning_dp.engine.precision`); the rounding of clip-scaled
+    bf16 rows is bounded per example and the clip factors account for it, so no clipped example exceeds C.
 
     Args:
         module: the model whose trainable parameters get clipped per sample.
@@ -124,6 +138,7 @@ class GhostEngine(ClippingEngine):
         nonfinite: NonFiniteMode = "skip",
     ) -> None:
         self._records: dict[int, list[GhostRecord]] = {}
+        self._completed: set[int] = set()
         self._switched_off: set[nn.Parameter] = set()
         self._anchor: Tensor | None = None
         self.skip_param_grads = True
@@ -185,7 +200,22 @@ class GhostEngine(ClippingEngine):
             return
         for index, planned in enumerate(self._layers):
             module = planned.layer.module
+            if planned.layer.autocast_input:
+                self._handles.append(module.register_forward_pre_hook(self._cast_like_autocast))
             self._handles.append(module.register_forward_hook(self._make_forward_hook(index, planned.layer)))
+
+    def _cast_like_autocast(self, mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """Forward pre-hook: under autocast, cast the input to the autocast dtype before the layer does, so that the
+        engine and autograd keep one copy of it (the layer's own cast is then a no-op). Same numerics as autocast.
+        """
+        if not self._capturing or not args or not isinstance(args[0], Tensor):
+            return None
+        x = args[0]
+        device = x.device.type
+        if not x.is_floating_point() or not torch.is_autocast_enabled(device):
+            return None
+        dtype = torch.get_autocast_dtype(device)
+        return None if x.dtype == dtype else (x.to(dtype), *args[1:])
 
     def _make_forward_hook(self, index: int, layer: GhostLayer) -> Any:
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
@@ -199,21 +229,49 @@ class GhostEngine(ClippingEngine):
                 # layer): add a zero that requires grad so that the output gradient still reaches the hook.
                 assert self._anchor is not None
                 output = replaced = output + self._anchor
+            if index in self._completed:
+                self._reentered(index)
             record = GhostRecord(layer.keep_inputs(inputs))
             self._records.setdefault(index, []).append(record)
-            output.register_hook(lambda grad: self._on_backprop(mod, record, grad))
+            output.register_hook(lambda grad: self._on_backprop(index, mod, record, grad))
             return replaced
 
         return hook
 
-    def _on_backprop(self, mod: nn.Module, record: GhostRecord, grad: Tensor) -> None:
+    def _on_backprop(self, index: int, mod: nn.Module, record: GhostRecord, grad: Tensor) -> None:
         self._check_batch_dimension(mod, grad)
+        if self._switched_off:
+            # The forward has built its graph without weight gradients; the layers' rules see the parameters as
+            # trained again (they test requires_grad). The graph of this backward is not changed by it.
+            self._restore_requires_grad()
+        if index in self._completed:
+            self._reentered(index)
         record.grad = grad if record.grad is None else record.grad + grad
+        records = self._records[index]
+        if all(r.grad is not None for r in records):  # the layer's backward is complete: its norms now
+            del self._records[index]
+            self._completed.add(index)
+            planned = self._layers[index]
+            with self._layer_work():
+                group = self._group_of(planned, records)
+                for r in records:  # the output tensors' hooks hold the records until the graph goes: empty them
+                    r.inputs, r.grad = [], None
+                self._group_ready(group, defer=planned.shared)
+
+    def _reentered(self, index: int) -> None:
+        raise DPMisconfigurationError(
+            f"Layer '{self._layers[index].name}' ran again (forward or backward) after its backward was complete in"
+            " this micro-batch. The ghost engine forms a layer's per-sample norms as soon as its output gradients"
+            " have arrived, so each captured micro-batch must run one forward and one backward: sum the losses"
+            " and call backward once."
+        )
 
     # ------------------------------------------------------------------ capture
     @override
     def _start_capture(self) -> None:
         self._records = {}
+        self._completed = set()
+        self.last_methods = {}
         if self.skip_param_grads and not self.check_against_autograd:
             self._switched_off = {p for p in self.params if p.requires_grad}
             self._anchor = torch.zeros((), device=self.params[0].device, requires_grad=True)
@@ -222,36 +280,55 @@ class GhostEngine(ClippingEngine):
 
     @override
     def _end_capture(self) -> None:
+        self._restore_requires_grad()
+        self._anchor = None
+
+    def _restore_requires_grad(self) -> None:
         for p in self._switched_off:
             p.requires_grad_(True)
         self._switched_off = set()
-        self._anchor = None
 
     @override
     def _free_capture(self) -> None:
         self._records = {}
+        self._completed = set()
 
     # ------------------------------------------------------------------ contributions
     @override
     def _contributions(self) -> list[Contribution]:
-        self.last_methods = {}
+        """The layers whose backward never completed (a call whose output did not reach the loss)."""
         out: list[Contribution] = []
         for index, records in self._records.items():
             records = [r for r in records if r.grad is not None]
-            if not records:
-                continue
-            planned = self._layers[index]
-            layer = planned.layer
-            captured = layer.collect(records)
-            squared = layer.squared_norms(captured)
-            if squared is None:
-                out.append(PerSampleGradients(planned.name, layer.instantiate(captured)))
-                self.last_methods[planned.name] = layer.instantiated_label
-            else:
-                out.append(GhostContribution(planned.name, layer, captured, squared))
-                self.last_methods[planned.name] = "ghost"
-        self._records = {}  # the contributions hold what is still needed
+            if records:
+                out.append(self._group_of(self._layers[index], records))
+        self._records = {}
         return out
+
+    def _group_of(self, planned: _Planned, records: list[GhostRecord]) -> Contribution:
+        """One layer's contribution from its calls: ghost norms and the captured data, or per-sample gradients
+        (instantiated: cheaper, forced, or a rule). Of an instantiated matrix-product layer whose per-sample gradients
+        outweigh its activations and output gradients, only the norms of the instantiated gradients are kept.
+        """
+        layer = planned.layer
+        captured = layer.collect(records)
+        squared = layer.squared_norms(captured)
+        if squared is not None:
+            self.last_methods[planned.name] = "ghost"
+            return GhostContribution(planned.name, layer, captured, squared)
+        self.last_methods[planned.name] = layer.instantiated_label
+        group = PerSampleGradients(planned.name, layer.instantiate(captured))
+        if (
+            isinstance(captured, MatmulCaptured)
+            and not layer.force_instantiate
+            and _bytes(group.grads.values()) > _bytes([captured.a, captured.g])
+        ):
+            return GhostContribution(planned.name, layer, captured, group.squared_norms())
+        return group
+
+
+def _bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 __all__ = ["GhostContribution", "GhostEngine"]

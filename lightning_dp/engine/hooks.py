@@ -17,12 +17,15 @@ from lightning_dp.engine.base import ClippingEngine, NonFiniteMode
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
 from lightning_dp.engine.layers import plan_layers
 from lightning_dp.engine.rules import GradSampleRule, find_rule
+from lightning_dp.errors import DPMisconfigurationError
 
 
 class HookEngine(ClippingEngine):
     """Materialised per-sample gradients (like Opacus hooks): each hooked layer's rule turns its activations and
     output gradients into per-sample gradients in fp32, which are clipped and summed. Used as described in
-    :class:`~lightning_dp.engine.ClippingEngine`; also exposes :meth:`per_sample_gradients`.
+    :class:`~lightning_dp.engine.ClippingEngine`; also exposes :meth:`per_sample_gradients`. A layer's group is
+    handed to the template as soon as all its calls' output gradients are in (with per-layer clipping it is then
+    clipped and freed inside the backward pass).
 
     Args:
         module: the model whose trainable parameters get per-sample gradients.
@@ -44,6 +47,9 @@ class HookEngine(ClippingEngine):
     ) -> None:
         #: per hooked layer index, the per-sample gradients of its parameters (summed over the layer's calls)
         self._grad_samples: dict[int, dict[nn.Parameter, Tensor]] = {}
+        #: per hooked layer index, its calls in this micro-batch's forward and the output gradients received
+        self._calls: dict[int, int] = {}
+        self._arrived: dict[int, int] = {}
         super().__init__(module, loss_reduction, nonfinite)
 
     # ------------------------------------------------------------------ planning
@@ -74,6 +80,7 @@ class HookEngine(ClippingEngine):
             if not output.requires_grad:
                 return
             activations = [x.detach() if isinstance(x, Tensor) else x for x in inputs]
+            self._calls[index] = self._calls.get(index, 0) + 1
             output.register_hook(lambda grad: self._on_backprop(index, mod, rule, activations, grad))
 
         return hook
@@ -82,22 +89,34 @@ class HookEngine(ClippingEngine):
         self, index: int, mod: nn.Module, rule: GradSampleRule, activations: list[Any], grad: Tensor
     ) -> None:
         self._check_batch_dimension(mod, grad)
+        if not activations:
+            raise DPMisconfigurationError(
+                f"The output gradient of layer '{self._layers[index][0]}' arrived twice for one call in this"
+                " micro-batch (a second backward through the same graph). Run one backward per captured micro-batch."
+            )
         acts = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in activations]
+        activations.clear()  # the output tensor's hook holds this list until the graph goes: free the inputs now
         layer = self._grad_samples.setdefault(index, {})
-        for p, gs in rule(mod, acts, grad.float()).items():
-            if not p.requires_grad:
-                continue
-            prev = layer.get(p)
-            layer[p] = gs if prev is None else prev + gs
+        with self._layer_work(full_precision=False):  # norms and sums both come from these per-sample gradients
+            for p, gs in rule(mod, acts, grad.float()).items():
+                if not p.requires_grad:
+                    continue
+                prev = layer.get(p)
+                layer[p] = gs if prev is None else prev + gs
+            self._arrived[index] = self._arrived.get(index, 0) + 1
+            if self._arrived[index] == self._calls.get(index, 0):  # all the layer's calls are in: hand it over
+                grads = self._grad_samples.pop(index)
+                if grads:
+                    self._group_ready(PerSampleGradients(self._layers[index][0], grads))
 
     # ------------------------------------------------------------------ capture
     @override
     def _start_capture(self) -> None:
-        self._grad_samples = {}
+        self._grad_samples, self._calls, self._arrived = {}, {}, {}
 
     @override
     def _free_capture(self) -> None:
-        self._grad_samples = {}
+        self._grad_samples, self._calls, self._arrived = {}, {}, {}
 
     def per_sample_gradients(self) -> dict[nn.Parameter, Tensor]:
         """The captured per-sample gradients of the last micro-batch, shape ``(b, *p.shape)``, fp32, before
@@ -106,7 +125,8 @@ class HookEngine(ClippingEngine):
         """
         scale = self._scale()
         out: dict[nn.Parameter, Tensor] = {}
-        for grads in [self._broadcast_grads, *self._grad_samples.values()]:
+        ready = [g.grads for g in self._ready if isinstance(g, PerSampleGradients)]
+        for grads in [self._broadcast_grads, *ready, *self._grad_samples.values()]:
             for p, gs in grads.items():
                 prev = out.get(p)
                 out[p] = gs if prev is None else prev + gs

@@ -4,12 +4,14 @@ One small :class:`GhostLayer` subclass per layer type says how the engine turns 
 per-sample squared gradient norms and a clipped sum. It is registered for exact module types with
 :func:`register_ghost_layer` (exact, as Opacus: a subclass may change the forward).
 
-Per micro-batch the engine calls, for each hooked layer that took part in the backward pass::
+Per micro-batch the engine calls, for each hooked layer that took part in the backward pass, as soon as the output
+gradients of all the layer's calls have arrived (in the backward hook; the records are then freed)::
 
     captured = layer.collect(records)        # the layer's calls (inputs, output gradient) in one structure
     sq = layer.squared_norms(captured)       # (b,) fp32, or None: instantiate instead
     per_sample = layer.instantiate(captured) # only when sq is None: {param: (b, *param.shape)} fp32
     ...                                      # the engine derives clip factors f from all layers' norms
+    r = layer.rounding_bound(captured)       # (b,) fp32 or None: how far rounding in clipped_sum may add
     sums = layer.clipped_sum(captured, f)    # only when sq is not None: {param: Σ_i f_i g_i} fp32
 """
 
@@ -41,11 +43,12 @@ class GhostLayer(ABC):
 
     A subclass implements :meth:`collect`, :meth:`squared_norms`, :meth:`instantiate` and :meth:`clipped_sum`, and may
     override :meth:`supports` (configurations it handles; others fall back to per-sample instantiation with a rule
-    of :mod:`lightning_dp.engine.rules`), :meth:`keep_inputs` and :meth:`zero_examples`.
+    of :mod:`lightning_dp.engine.rules`), :meth:`keep_inputs`, :meth:`rounding_bound` and :meth:`zero_examples`.
 
-    All values are as the loss gives them (the engine rescales for ``loss_reduction``) and in fp32. The captured
-    structure should be a dataclass whose tensor fields (or dicts of tensors) have the examples as first dimension:
-    the default :meth:`zero_examples` relies on it.
+    All values are as the loss gives them (the engine rescales for ``loss_reduction``); results are fp32 (the
+    captured data may stay in the layer's own dtype, e.g. bf16 under autocast, when products are formed exactly:
+    see :mod:`lightning_dp.engine.precision`). The captured structure should be a dataclass whose tensor fields
+    (or dicts of tensors) have the examples as first dimension: the default :meth:`zero_examples` relies on it.
 
     Example:
         >>> @register_ghost_layer(nn.Conv1d)  # doctest: +SKIP
@@ -61,6 +64,10 @@ class GhostLayer(ABC):
 
     #: the engine's ``last_methods`` label of a layer whose :meth:`squared_norms` returned None
     instantiated_label: ClassVar[str] = "instantiate"
+    #: the layer's forward is one operation that autocast runs in its low-precision dtype (linear, convolution):
+    #: the engine then casts the input to that dtype before the forward, so that the input :meth:`keep_inputs`
+    #: keeps is the very tensor autograd saves (one copy, not two). Numerically the same as autocast's own cast.
+    autocast_input: ClassVar[bool] = False
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -112,6 +119,14 @@ class GhostLayer(ABC):
             captured: from :meth:`collect`.
             factors: ``(b,)`` fp32 per-sample factors.
         """
+
+    def rounding_bound(self, captured: Any) -> Tensor | None:
+        """A per-sample bound ``r_i`` such that :meth:`clipped_sum`'s rounding moves example ``i``'s contribution by
+        at most ``f_i · r_i`` (in norm, as the loss gives it), or None when the clipped sum is exact to fp32
+        (default). The engine takes the clip factors from norms inflated by ``r``, so that a clipped example stays
+        within its bound under rounding.
+        """
+        return None
 
     def zero_examples(self, captured: Any, keep: Tensor) -> Any:
         """``captured`` with the data of the examples where ``keep`` is False set to exactly zero (default: every

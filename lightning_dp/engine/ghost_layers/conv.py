@@ -8,6 +8,8 @@ per-sample instantiation with Opacus's grad samplers).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
@@ -34,6 +36,8 @@ def _grad_sequence(grad: Tensor) -> Tensor:
 class Conv2dGhostLayer(MatmulGhostLayer):
     """``nn.Conv2d`` with ``groups=1`` and numeric zero padding (e.g. a ViT patch embedding)."""
 
+    autocast_input: ClassVar[bool] = True
+
     @classmethod
     @override
     def supports(cls, module: nn.Module) -> bool:
@@ -44,12 +48,14 @@ class Conv2dGhostLayer(MatmulGhostLayer):
         m = self.module
         a = cat([_patches(r.inputs[0], m.kernel_size, m.dilation, m.padding, m.stride) for r in records], 1)
         g = cat([_grad_sequence(r.grad) for r in records if r.grad is not None], 1)
-        return self.to_fp32(a, g)
+        return self.pair(a, g)
 
 
 @register_ghost_layer(nn.Conv1d)
 class Conv1dGhostLayer(MatmulGhostLayer):
     """``nn.Conv1d`` with ``groups=1`` and numeric zero padding: a ``1 × k`` convolution of a height-1 image."""
+
+    autocast_input: ClassVar[bool] = True
 
     @classmethod
     @override
@@ -63,7 +69,7 @@ class Conv1dGhostLayer(MatmulGhostLayer):
         padding, stride = (0, m.padding[0]), (1, m.stride[0])
         a = cat([_patches(r.inputs[0].unsqueeze(2), kernel, dilation, padding, stride) for r in records], 1)
         g = cat([_grad_sequence(r.grad) for r in records if r.grad is not None], 1)
-        return self.to_fp32(a, g)
+        return self.pair(a, g)
 
 
 __all__ = ["Conv1dGhostLayer", "Conv2dGhostLayer"]

@@ -14,12 +14,13 @@ from typing_extensions import override
 
 from lightning_dp.engine.ghost_layers.base import GhostLayer, GhostRecord, register_ghost_layer
 from lightning_dp.engine.ghost_layers.matmul import cat
+from lightning_dp.engine.precision import bmm_f32
 
 
 @dataclass
 class EmbeddingCaptured:
     idx: Tensor  #: ``(B, T)`` token indices
-    g: Tensor  #: ``(B, T, d)`` output gradients, fp32, zero at the padding index
+    g: Tensor  #: ``(B, T, d)`` output gradients (the layer's output dtype), zero at the padding index
 
 
 @register_ghost_layer(nn.Embedding)
@@ -38,7 +39,7 @@ class EmbeddingGhostLayer(GhostLayer):
         grads = [r.grad for r in records if r.grad is not None]
         b = grads[0].shape[0]
         idx = cat([r.inputs[0].reshape(b, -1) for r in records], 1)
-        g = cat([grad.reshape(b, -1, grad.shape[-1]) for grad in grads], 1).float()
+        g = cat([grad.reshape(b, -1, grad.shape[-1]) for grad in grads], 1)
         pad = self.module.padding_idx
         if pad is not None:  # the padding row gets no gradient (where, not a product: a NaN there is ignored too)
             g = torch.where((idx != pad).unsqueeze(-1), g, torch.zeros((), dtype=g.dtype, device=g.device))
@@ -52,7 +53,7 @@ class EmbeddingGhostLayer(GhostLayer):
         if self.trainable("weight") is None:
             return torch.zeros(idx.shape[0], device=g.device)
         same = (idx.unsqueeze(2) == idx.unsqueeze(1)).float()  # (B, T, T): tokens t and s update the same row
-        return (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))
+        return (bmm_f32(g, g.transpose(1, 2)) * same).sum((1, 2))
 
     @override
     def instantiate(self, captured: EmbeddingCaptured) -> dict[nn.Parameter, Tensor]:
@@ -63,7 +64,7 @@ class EmbeddingGhostLayer(GhostLayer):
         b, vocab, d = idx.shape[0], weight.shape[0], g.shape[-1]
         rows = (torch.arange(b, device=idx.device).unsqueeze(1) * vocab + idx).reshape(-1)
         gs = torch.zeros(b * vocab, d, device=g.device, dtype=torch.float32)
-        return {weight: gs.index_add_(0, rows, g.reshape(-1, d)).view(b, *weight.shape)}
+        return {weight: gs.index_add_(0, rows, g.reshape(-1, d).float()).view(b, *weight.shape)}
 
     @override
     def clipped_sum(self, captured: EmbeddingCaptured, factors: Tensor) -> dict[nn.Parameter, Tensor]:
@@ -73,7 +74,7 @@ class EmbeddingGhostLayer(GhostLayer):
         idx, g = captured.idx, captured.g
         d = g.shape[-1]
         summed = torch.zeros(weight.shape[0], d, device=g.device, dtype=torch.float32)
-        return {weight: summed.index_add_(0, idx.reshape(-1), (g * factors[:, None, None]).reshape(-1, d))}
+        return {weight: summed.index_add_(0, idx.reshape(-1), (g.float() * factors[:, None, None]).reshape(-1, d))}
 
 
 __all__ = ["EmbeddingGhostLayer"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
 from typing_extensions import override
 
@@ -13,11 +15,13 @@ from lightning_dp.engine.ghost_layers.matmul import MatmulCaptured, MatmulGhostL
 class LinearGhostLayer(MatmulGhostLayer):
     """``y = x Wᵀ + b``: the calls concatenated along the sequence."""
 
+    autocast_input: ClassVar[bool] = True
+
     @override
     def collect(self, records: list[GhostRecord]) -> MatmulCaptured:
         a = cat([as_sequence(r.inputs[0]) for r in records], 1)
         g = cat([as_sequence(r.grad) for r in records if r.grad is not None], 1)
-        return self.to_fp32(a, g)
+        return self.pair(a, g)
 
 
 __all__ = ["LinearGhostLayer"]
