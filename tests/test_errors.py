@@ -31,7 +31,7 @@ def test_both_or_neither_of_target_and_noise():
 
 def test_batchnorm_points_to_module_validator():
     net = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
-    with pytest.raises(DPMisconfigurationError, match=r"'net.1'.*BatchNorm1d.*ModuleValidator.fix"):
+    with pytest.raises(DPMisconfigurationError, match=r"'net.1'.*BatchNorm1d.*lightning_dp.fix_model"):
         _fit(model=_NoStep(net))
 
 

@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_dp.clipping import ClippingMode, clip_factors
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients, merge_shared
+from lightning_dp.engine.fallback import FunctionalFallback
 from lightning_dp.engine.layers import (
     BroadcastParameter,
     check_sums_against_autograd,
@@ -62,6 +63,11 @@ class ClippingEngine(ABC):
       per parameter group (per layer): per-sample squared norms and a clipped-sum method. A group holding a masked
       parameter must be :class:`~lightning_dp.engine.contributions.PerSampleGradients` (masks act on coordinates).
     - :meth:`_free_capture`: drop what the capture stored.
+
+    Parameters that no layer rule covers (no rule for their layer, a weight used outside its layer's forward, a layer
+    that folds the batch with another dimension) are covered by the base's
+    :class:`~lightning_dp.engine.fallback.FunctionalFallback` (``torch.func`` per example, at the op that uses them
+    or the smallest module that keeps the batch first); its groups join the engine's in the template.
 
     Non-finite examples: an example whose per-sample gradient norm is NaN or infinite (a NaN/inf input row, a
     ``log(0)`` loss, an overflow; also a finite gradient whose squared norm overflows fp32) adds exactly zero to the
@@ -128,6 +134,15 @@ class ClippingEngine(ABC):
         self.check_against_autograd = True
         self.grad_masks: dict[nn.Parameter, Tensor] = {}
         self._plan()
+        # ---- any-model: the torch.func fallback for what the engine's layer rules do not cover
+        self._fallback = FunctionalFallback(
+            module,
+            self.params,
+            self.layer_names,
+            [p for *_, p in self._broadcast],
+            self.param_names,
+            type(self).__name__,
+        )
 
     # ------------------------------------------------------------------ what a subclass provides
     @abstractmethod
@@ -176,6 +191,7 @@ class ClippingEngine(ABC):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._fallback.detach()
 
     # ------------------------------------------------------------------ capture
     def _should_capture(self, mod: nn.Module, output: Any) -> bool:
@@ -195,10 +211,10 @@ class ClippingEngine(ABC):
             )
         if not isinstance(output, Tensor):
             raise UnsupportedLayerError(
-                f"Layer {type(mod).__name__} returned {type(output).__name__}, not a tensor; its per-sample rule"
-                " needs a single tensor output."
+                f"Layer '{self._fallback.name_of(mod)}' ({type(mod).__name__}) returned {type(output).__name__}, not a"
+                " tensor; its per-sample rule needs a single tensor output."
             )
-        return True
+        return self._fallback.accepts(mod, output)  # any-model: not inside a unit, batch first (else re-planned)
 
     def _check_batch_dimension(self, mod: nn.Module, grad: Tensor) -> None:
         """In a backward hook: the output gradient's first dimension must index the micro-batch's examples.
@@ -209,9 +225,9 @@ class ClippingEngine(ABC):
         b = self._batch_size
         if grad.shape[0] != b:
             raise DPMisconfigurationError(
-                f"Layer {type(mod).__name__} saw a batch dimension of {grad.shape[0]} but the micro-batch has {b}"
-                " examples. Per-sample gradients need every layer's first dimension to index the examples (do not"
-                " fold sequence or crop dimensions into the batch)."
+                f"Layer '{self._fallback.name_of(mod)}' ({type(mod).__name__}) saw a batch dimension of"
+                f" {grad.shape[0]} but the micro-batch has {b} examples. Per-sample gradients need every layer's first"
+                " dimension to index the examples (do not fold sequence or crop dimensions into the batch)."
             )
 
     @final
@@ -236,12 +252,14 @@ class ClippingEngine(ABC):
         broadcast_grads: dict[nn.Parameter, Tensor] = {}
         self._broadcast_grads = broadcast_grads
         self._start_capture()
+        self._fallback.start(batch_size, discover=self.check_against_autograd)  # any-model
         self._capturing = True
         try:
             with per_sample_broadcast(self._broadcast, batch_size, broadcast_grads):
                 yield
         finally:
             self._capturing = False
+            self._fallback.end()  # any-model
             self._end_capture()
 
     # ------------------------------------------------------------------ the template
@@ -256,6 +274,8 @@ class ClippingEngine(ABC):
             for p, gs in self._broadcast_grads.items()
         ]
         groups += self._contributions()
+        # any-model: the groups of layers inside a fallback unit are replaced by the unit's
+        groups = [g for g in groups if not self._fallback.covers(g)] + self._fallback.contributions()
         return merge_shared([g for g in groups if g.params])
 
     def _check_sums(self, groups: list[Contribution]) -> None:
@@ -329,6 +349,7 @@ class ClippingEngine(ABC):
             p.grad = None
         self._broadcast_grads = {}
         self._free_capture()
+        self._fallback.free()
 
     @final
     def clip_and_accumulate(

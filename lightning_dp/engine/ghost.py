@@ -32,7 +32,7 @@ from typing_extensions import override
 from lightning_dp.engine.base import ClippingEngine, NonFiniteMode
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
 from lightning_dp.engine.ghost_layers import GhostLayer, GhostRecord, ghost_layer_for
-from lightning_dp.engine.layers import plan_layers
+from lightning_dp.engine.layers import bound_inputs, plan_layers
 
 
 @dataclass
@@ -72,6 +72,10 @@ class GhostContribution(Contribution):
     @override
     def clipped_sum(self, factors: Tensor) -> dict[nn.Parameter, Tensor]:
         return self.layer.clipped_sum(self.captured, factors)
+
+    @override
+    def materialize(self) -> PerSampleGradients:  # any-model: a weight shared with a fallback op
+        return PerSampleGradients(self.name, self.layer.instantiate(self.captured))
 
     @override
     def zero_examples(self, keep: Tensor) -> None:
@@ -185,10 +189,11 @@ class GhostEngine(ClippingEngine):
             return
         for index, planned in enumerate(self._layers):
             module = planned.layer.module
-            self._handles.append(module.register_forward_hook(self._make_forward_hook(index, planned.layer)))
+            hook = self._make_forward_hook(index, planned.layer)
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))  # any-model: keyword inputs
 
     def _make_forward_hook(self, index: int, layer: GhostLayer) -> Any:
-        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
             if not self._should_capture(mod, output):
                 return None
             replaced = None
@@ -199,7 +204,7 @@ class GhostEngine(ClippingEngine):
                 # layer): add a zero that requires grad so that the output gradient still reaches the hook.
                 assert self._anchor is not None
                 output = replaced = output + self._anchor
-            record = GhostRecord(layer.keep_inputs(inputs))
+            record = GhostRecord(layer.keep_inputs(bound_inputs(mod, inputs, kwargs)))
             self._records.setdefault(index, []).append(record)
             output.register_hook(lambda grad: self._on_backprop(mod, record, grad))
             return replaced

@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_dp.engine.base import ClippingEngine, NonFiniteMode
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
-from lightning_dp.engine.layers import plan_layers
+from lightning_dp.engine.layers import bound_inputs, plan_layers
 from lightning_dp.engine.rules import GradSampleRule, find_rule
 
 
@@ -65,15 +65,15 @@ class HookEngine(ClippingEngine):
         if self._handles:
             return
         for index, (_, mod, rule) in enumerate(self._layers):
-            self._handles.append(mod.register_forward_hook(self._make_forward_hook(index, rule)))
+            self._handles.append(mod.register_forward_hook(self._make_forward_hook(index, rule), with_kwargs=True))
 
     def _make_forward_hook(self, index: int, rule: GradSampleRule) -> Any:
-        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if not self._should_capture(mod, output):
                 return
             if not output.requires_grad:
                 return
-            activations = [x.detach() if isinstance(x, Tensor) else x for x in inputs]
+            activations = [x.detach() if isinstance(x, Tensor) else x for x in bound_inputs(mod, inputs, kwargs)]
             output.register_hook(lambda grad: self._on_backprop(index, mod, rule, activations, grad))
 
         return hook
@@ -106,8 +106,8 @@ class HookEngine(ClippingEngine):
         """
         scale = self._scale()
         out: dict[nn.Parameter, Tensor] = {}
-        for grads in [self._broadcast_grads, *self._grad_samples.values()]:
-            for p, gs in grads.items():
+        for group in self._gather():  # layers, broadcast parameters and the torch.func fallback
+            for p, gs in group.materialize().grads.items():
                 prev = out.get(p)
                 out[p] = gs if prev is None else prev + gs
         return {p: gs * scale for p, gs in out.items()}

@@ -8,8 +8,10 @@ per-sample copy during the forward pass.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -68,9 +70,11 @@ def plan_layers(
         ``(layers, broadcast)``: the ``(name, layer)`` pairs owning trainable parameters that ``supported``
         accepts, and the broadcast parameters of the other layers.
 
+    Parameters of the other layers (neither supported nor declared as broadcast) are left to the engine's
+    :class:`~lightning_dp.engine.fallback.FunctionalFallback`.
+
     Raises:
-        UnsupportedLayerError: for a layer with trainable parameters that is neither supported nor declares them
-            as broadcast parameters, or a broadcast parameter without a leading dimension of size 1.
+        UnsupportedLayerError: for a broadcast parameter without a leading dimension of size 1.
     """
     layers: list[tuple[str, nn.Module]] = []
     broadcast: list[BroadcastParameter] = []
@@ -82,16 +86,8 @@ def plan_layers(
             layers.append((mod_name, mod))
             continue
         allowed = broadcast_parameter_names(mod)
-        unknown = [n for n in direct if n not in allowed]
-        if unknown:
-            where = mod_name or "<root>"
-            raise UnsupportedLayerError(
-                f"No per-sample gradient rule for layer '{where}' of type {type(mod).__module__}."
-                f"{type(mod).__qualname__} with trainable parameters {unknown}. Freeze it"
-                " (requires_grad=False), replace it with a supported layer, or register a rule with"
-                " lightning_dp.engine.register_grad_sampler (or register_broadcast_parameters for raw"
-                " parameters of shape (1, ...) broadcast over the batch)."
-            )
+        if any(n not in allowed for n in direct):
+            continue  # no rule: the torch.func fallback covers this module's parameters
         for n, p in direct.items():
             if p.dim() == 0 or p.shape[0] != 1:
                 raise UnsupportedLayerError(
@@ -100,6 +96,17 @@ def plan_layers(
                 )
             broadcast.append((mod_name, mod, n, p))
     return layers, broadcast
+
+
+def bound_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """A layer call's inputs in the order of its ``forward``'s parameters (keyword arguments included, defaults
+    filled in), so that a rule sees ``EmbeddingBag(x, offsets=o)`` as ``(x, o, None)``.
+    """
+    if not kwargs:
+        return args
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())
 
 
 @contextmanager
@@ -165,6 +172,7 @@ def check_sums_against_autograd(
 __all__ = [
     "CLIP_EPS",
     "BroadcastParameter",
+    "bound_inputs",
     "check_sums_against_autograd",
     "in_backward",
     "per_sample_broadcast",
