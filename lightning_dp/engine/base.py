@@ -25,6 +25,7 @@ from lightning_dp.engine.fallback import FunctionalFallback
 from lightning_dp.engine.layers import (
     BroadcastParameter,
     check_sums_against_autograd,
+    check_tolerance,
     full_precision_matmuls,
     in_backward,
     per_sample_broadcast,
@@ -282,9 +283,17 @@ class ClippingEngine(ABC):
         """Compare each group's Σ_i g_i with autograd's ``p.grad`` (see :func:`check_sums_against_autograd`)."""
         ones = torch.ones(self._batch_size, device=self.params[0].device, dtype=torch.float32)
         totals: dict[nn.Parameter, Tensor] = {}
+        spread: dict[nn.Parameter, Tensor] = {}
+        group_of: dict[nn.Parameter, Contribution] = {}
         for g in groups:
-            totals.update(g.clipped_sum(ones))
-        check_sums_against_autograd(self.params, totals, self.param_names)
+            sums = g.clipped_sum(ones)
+            totals.update(sums)
+            width = g.squared_norms().clamp(min=0).sqrt().sum()
+            for p in sums:
+                spread[p], group_of[p] = width, g
+        rtol = check_tolerance(self._fallback.dtypes_seen())
+        explain = lambda p: self._fallback.explain(p, group_of.get(p))  # noqa: E731
+        check_sums_against_autograd(self.params, totals, self.param_names, spread, rtol, explain)
 
     def _apply_masks(self, groups: list[Contribution]) -> bool:
         """Mask the per-sample gradients of masked parameters; whether any group changed.

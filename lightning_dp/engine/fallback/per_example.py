@@ -89,12 +89,17 @@ class Fingerprint:
         """The fingerprint of ``x``, whose dimension ``batch_dim`` indexes the examples."""
         flat = x.detach().movedim(batch_dim, 0).reshape(x.shape[batch_dim], -1).float()
         w = _weights(flat.shape[1], flat.device)
-        return cls(flat @ w, flat.pow(2).sum(1), flat.abs() @ w + flat.pow(2).sum(1), x.dtype)
+        # elementwise products in fp32 (a matmul would run in the autocast dtype inside the user's autocast)
+        squares = (flat * flat).sum(1)
+        return cls((flat * w).sum(1), squares, (flat.abs() * w).sum(1) + squares, x.dtype)
 
     def mismatch(self, other: Fingerprint) -> Tensor:
         """Per example, how far ``other`` is from this fingerprint relative to the tolerance (> 1: not the same)."""
         tol = recompute_tolerance(self.dtype) * self.scale + 1e-30
-        return torch.maximum((self.weighted - other.weighted).abs(), (self.squares - other.squares).abs()) / tol
+        diff = torch.maximum((self.weighted - other.weighted).abs(), (self.squares - other.squares).abs()) / tol
+        # an example that is not finite (NaN/inf input) must be so in both; the engine then drops it
+        same_nonfinite = ~torch.isfinite(self.squares) & ~torch.isfinite(other.squares)
+        return torch.where(same_nonfinite, torch.zeros((), device=diff.device), diff)
 
 
 def recompute_tolerance(dtype: torch.dtype) -> float:

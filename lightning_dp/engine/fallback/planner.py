@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
-from lightning_dp.engine.fallback.per_example import Fingerprint, ForwardState
+from lightning_dp.engine.fallback.per_example import Fingerprint, ForwardState, forward_hooks_suppressed
 from lightning_dp.engine.fallback.tracer import (
     _BROADCASTS,
     Derived,
@@ -89,6 +89,7 @@ class _Capture:
 
     b: int
     discover: bool
+    active: bool = True  #: between start() and end(): the forward and backward of the micro-batch
     frames: list[_Frame] = field(default_factory=list)
     unit_calls: dict[nn.Module, list[UnitCall]] = field(default_factory=dict)
     ops: list[OpRecord] = field(default_factory=list)
@@ -96,6 +97,11 @@ class _Capture:
     constants: set[int] = field(default_factory=set)
     unresolved: str | None = None
     reenabled: list[nn.Parameter] = field(default_factory=list)
+    dtypes: set[torch.dtype] = field(default_factory=set)  #: parameter and autocast dtypes of the micro-batch
+    layouts: dict[nn.Module, str] = field(default_factory=dict)  #: layers whose output was not contiguous
+    uses: dict[nn.Parameter, set[str]] = field(default_factory=dict)  #: modules whose ops used a parameter
+    #: on a checked micro-batch, the layer calls an engine rule captured: (args, kwargs, output gradient holder)
+    native_calls: dict[nn.Module, list[tuple[tuple, dict, dict[int, Tensor]]]] = field(default_factory=dict)
 
 
 class FunctionalFallback:
@@ -243,7 +249,7 @@ class FunctionalFallback:
 
     def _pre(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
         cap = self._capture
-        if cap is None:
+        if cap is None or not cap.active:
             return
         parent = cap.frames[-1] if cap.frames else None
         in_unit = parent is not None and parent.in_unit
@@ -253,13 +259,16 @@ class FunctionalFallback:
             state = ForwardState.record([x for x in tree_flatten((args, kwargs))[0] if isinstance(x, Tensor)])
         frame = _Frame(mod, args, kwargs, in_unit or is_unit, is_unit, state)
         cap.frames.append(frame)
+        for device_type in ("cuda", "cpu"):
+            if torch.is_autocast_enabled(device_type):
+                cap.dtypes.add(torch.get_autocast_dtype(device_type))
         if not frame.in_unit and mod in self.regions:
             frame.region = True
             self._enter_mode()
 
     def _post(self, mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         cap = self._capture
-        if cap is None or not cap.frames:
+        if cap is None or not cap.active or not cap.frames:
             return None
         frame = cap.frames.pop()
         while frame.module is not mod and cap.frames:  # an exception unwound inner calls
@@ -291,6 +300,7 @@ class FunctionalFallback:
         cap = _Capture(batch_size, discover)
         for t in (*self.model.parameters(), *self.model.buffers()):
             cap.constants.add(id(t))
+        cap.dtypes = {p.dtype for p in self.trainable}
         self._capture = cap
         self._groups = None
         for p in self.fallback_params():  # the ghost engine may have switched them off: the ops need their grads
@@ -307,6 +317,7 @@ class FunctionalFallback:
             self._exit_mode()
         if cap is None:
             return
+        cap.active = False
         for p in cap.reenabled:
             p.requires_grad_(False)
         cap.reenabled = []
@@ -333,7 +344,7 @@ class FunctionalFallback:
     def tracing(self) -> bool:
         """Whether the current torch function call is to be examined."""
         cap = self._capture
-        if cap is None or not torch.is_grad_enabled():
+        if cap is None or not cap.active or not torch.is_grad_enabled():
             return False
         return not cap.frames or not cap.frames[-1].in_unit
 
@@ -343,7 +354,7 @@ class FunctionalFallback:
         are marked for a unit).
         """
         cap = self._capture
-        if cap is None:
+        if cap is None or not cap.active:
             return True
         frame = cap.frames[-1] if cap.frames and cap.frames[-1].module is mod else None
         if frame is not None and frame.in_unit:
@@ -351,10 +362,17 @@ class FunctionalFallback:
         entry = cap.derived.get(id(output))
         if entry is not None and entry[0] is output:
             return False
+        if not output.is_contiguous():
+            channels_last = output.dim() == 4 and output.is_contiguous(memory_format=torch.channels_last)
+            cap.layouts[mod] = "channels_last" if channels_last else "non-contiguous"
         if output.dim() == 0 or output.shape[0] != cap.b:
             rows = "no batch dimension" if output.dim() == 0 else f"{output.shape[0]} rows"
             self._fold(frame, f"layer '{self._name(mod)}' ({type(mod).__name__}) gives {rows} for {cap.b} examples")
             return False
+        if cap.discover and frame is not None and output.requires_grad:  # kept to tell a wrong rule from a hidden use
+            grads: dict[int, Tensor] = {}
+            output.register_hook(self._grad_hook(grads, 0))
+            cap.native_calls.setdefault(mod, []).append((frame.args, frame.kwargs, grads))
         return True
 
     def _fold(self, frame: _Frame | None, reason: str) -> None:
@@ -478,7 +496,13 @@ class FunctionalFallback:
                 tracked = True
                 all_constant = False
             elif isinstance(x, nn.Parameter) and x in self.trainable:
-                native = top is not None and top.module in self.native and self.owner.get(x) is top.module
+                if cap.discover:
+                    cap.uses.setdefault(x, set()).add(self._name(top.module if top is not None else None))
+                native = (
+                    top is not None
+                    and top.module in self.native
+                    and any(x is q for q in top.module._parameters.values())
+                )
                 roles.append(("native" if native else "leaf", x))
                 tracked |= not native
                 all_constant = False
@@ -663,6 +687,7 @@ class FunctionalFallback:
                     (r.fingerprints[i].mismatch(Fingerprint.of(o, 0)).max(), f"'{_name(r.func)}' in '{r.where}'")
                 )
         groups += list(by_owner.items())
+        self._produced = {name for name, _ in groups}
         if checks:
             worst = torch.stack([c for c, _ in checks])
             k = int(worst.argmax())
@@ -676,6 +701,88 @@ class FunctionalFallback:
                     " (running statistics, caches), or a forward hook that alters the output."
                 )
         return groups
+
+    def dtypes_seen(self) -> list[torch.dtype]:
+        """The parameter and autocast dtypes of the captured micro-batch (for the cross-check's tolerance)."""
+        cap = self._capture
+        return sorted(cap.dtypes, key=str) if cap is not None else []
+
+    def explain(self, p: nn.Parameter, group: Contribution | None) -> str:
+        """The likely cause of a parameter whose per-sample gradients do not add up to autograd's gradient: a use
+        outside the forward that nothing saw, a layout its layer's rule does not handle, or a wrong rule.
+        """
+        from lightning_dp.engine.ghost_layers.base import registered_ghost_layer
+        from lightning_dp.engine.rules import find_rule
+
+        cap = self._capture
+        layer = self.owner.get(p)
+        where = f"'{self._name(layer)}' ({type(layer).__name__})"
+        uses = sorted(cap.uses.get(p, set())) if cap is not None else []
+        elsewhere = [u for u in uses if u != self._name(layer)]
+        if group is None:
+            if cap is not None and cap.discover and not uses:
+                return (
+                    f"use outside the forward: no layer rule and no torch function call saw {where}'s parameter used"
+                    " during the captured forward, yet autograd gives it a gradient. It is used where hooks and"
+                    " torch function modes cannot see it (a torch.ops or C++ extension call, a custom"
+                    " autograd.Function's internals, code outside the captured forward and backward). Use it through"
+                    " torch functions in the forward, or register a rule for the module that uses it"
+                    " (lightning_dp.engine.register_grad_sampler)."
+                )
+            return (
+                f"use outside the forward: the parameter of {where} got no per-sample gradient (used in"
+                f" {', '.join(elsewhere) or 'an unhooked place'}), yet autograd gives it a gradient."
+            )
+        if group.name in getattr(self, "_produced", set()):
+            return (
+                f"rule: the torch.func fallback's per-sample gradients for '{group.name}' do not add up; the"
+                " parameter is also used where the fallback did not see it (outside the traced module's forward)."
+            )
+        rule = None if layer is None else (registered_ghost_layer(layer) or find_rule(layer))
+        rule_name = getattr(rule, "__qualname__", type(rule).__name__) if rule is not None else "?"
+        rule_name = f"{getattr(rule, '__module__', '')}.{rule_name}".lstrip(".")
+        own = self._own_gradient(p, layer)
+        if own is not None and cap is not None:
+            total = group.clipped_sum(torch.ones(cap.b, device=p.device)).get(p)
+            if total is not None and bool((total - own).norm() <= 1e-3 * own.norm() + 1e-30):
+                return (
+                    f"use outside the forward: the per-sample rule {rule_name} of layer {where} is right (its"
+                    " per-sample gradients add up to the layer's own gradient), but the parameter also gets gradient"
+                    " from a use that neither the layer's hooks nor a traced torch function saw: inside a custom"
+                    " autograd.Function, a C++ extension, or code outside the captured forward and backward. Use the"
+                    " parameter through its layer or torch functions, or register a rule for the module that uses it."
+                )
+        layout = cap.layouts.get(layer) if cap is not None and layer is not None else None
+        if layout is not None:
+            return (
+                f"layout: layer {where} ran on a {layout} tensor, and its per-sample rule {rule_name} gives wrong"
+                " per-sample gradients for it (a rule that assumes contiguous NCHW). Register a rule that handles"
+                " any memory format, or make the activations contiguous."
+            )
+        extra = f" It is also used in {', '.join(elsewhere)}." if elsewhere else ""
+        return (
+            f"rule: the per-sample rule {rule_name} of layer {where} is wrong for this layer's configuration"
+            f" (or its forward differs from what the rule assumes).{extra} Register a correct rule with"
+            " lightning_dp.engine.register_grad_sampler, or unregister it to use the torch.func fallback."
+        )
+
+    def _own_gradient(self, p: nn.Parameter, layer: nn.Module | None) -> Tensor | None:
+        """The gradient ``p`` gets through its layer's own calls on the checked micro-batch (recomputed from the
+        recorded inputs and output gradients), or None if not recorded.
+        """
+        cap = self._capture
+        if cap is None or layer is None or not cap.native_calls.get(layer):
+            return None
+        total = torch.zeros_like(p, dtype=torch.float32)
+        with torch.enable_grad(), forward_hooks_suppressed(layer):
+            for args, kwargs, grads in cap.native_calls[layer]:
+                if 0 not in grads:
+                    continue
+                out = layer(*args, **kwargs)
+                (g,) = torch.autograd.grad(out, [p], grads[0], allow_unused=True)
+                if g is not None:
+                    total += g.float()
+        return total
 
     def has_work(self) -> bool:
         """Whether the last capture recorded anything for the fallback."""
