@@ -102,6 +102,7 @@ class _Capture:
     uses: dict[nn.Parameter, set[str]] = field(default_factory=dict)  #: modules whose ops used a parameter
     #: on a checked micro-batch, the layer calls an engine rule captured: (args, kwargs, output gradient holder)
     native_calls: dict[nn.Module, list[tuple[tuple, dict, dict[int, Tensor]]]] = field(default_factory=dict)
+    inplace: list[str] = field(default_factory=list)  #: in-place traced ops (they can hide a tensor from its hooks)
 
 
 class FunctionalFallback:
@@ -228,7 +229,7 @@ class FunctionalFallback:
         for m in self.units:
             self._announce(
                 f"unit:{self._name(m)}",
-                f"'{self._name(m)}' ({type(m).__name__}) is recomputed per example as one unit"
+                f"'{self._name(m)}' ({type(m).__name__}) is recomputed per example as one unit with torch.func"
                 f" ({type(self.units[m]).__name__}).",
             )
 
@@ -590,6 +591,8 @@ class FunctionalFallback:
                 items.append(("const", x))
         state = ForwardState.record(batched)
         out = func(*args, **kwargs)
+        if in_place:
+            cap.inplace.append(f"'{_name(func)}' in '{self._name(top.module if top is not None else None)}'")
         out_flat = tree_flatten(out)[0]
         tensors = [(k, y) for k, y in enumerate(out_flat) if isinstance(y, Tensor)]
         if not tensors or any(y.dim() == 0 or y.shape[0] != b for _, y in tensors):
@@ -669,9 +672,8 @@ class FunctionalFallback:
                 per, outs = rule.per_sample(call, b)
                 _add_into(total, per)
                 for i, o in outs.items():
-                    checks.append(
-                        (call.fingerprints[i].mismatch(Fingerprint.of(o, call.out_dims[i])).max(), self._name(m))
-                    )  # type: ignore[arg-type]
+                    mismatch = call.fingerprints[i].mismatch(Fingerprint.of(o, call.out_dims[i]))  # type: ignore[arg-type]
+                    checks.append((mismatch.max(), f"'{self._name(m)}' ({type(m).__name__})"))
             self.last_methods[self._name(m)] = f"unit:{rule.last_method}"
             if total:
                 groups.append((self._name(m), total))
@@ -729,9 +731,16 @@ class FunctionalFallback:
                     " torch functions in the forward, or register a rule for the module that uses it"
                     " (lightning_dp.engine.register_grad_sampler)."
                 )
+            hidden = (
+                f" An in-place op ({', '.join(cap.inplace)}) overwrote a tensor after a layer's hook was registered on"
+                " it, and autograd then may not call the hook: build the model without in-place ops (e.g. timm's"
+                " LayerScale(inplace=False))."
+                if cap is not None and cap.inplace
+                else ""
+            )
             return (
                 f"use outside the forward: the parameter of {where} got no per-sample gradient (used in"
-                f" {', '.join(elsewhere) or 'an unhooked place'}), yet autograd gives it a gradient."
+                f" {', '.join(elsewhere) or 'an unhooked place'}), yet autograd gives it a gradient.{hidden}"
             )
         if group.name in getattr(self, "_produced", set()):
             return (

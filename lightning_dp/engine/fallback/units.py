@@ -225,8 +225,19 @@ def register_unit_rule(*module_types: type[nn.Module]) -> Callable[[type[UnitRul
 
 
 def unit_rule_for(module: nn.Module) -> type[UnitRule] | None:
-    """The registered unit rule of ``module``'s exact type, or None."""
-    return _UNIT_RULES.get(type(module))
+    """The unit rule registered for ``module``'s type (or a base class whose ``forward`` it keeps), or None."""
+    from lightning_dp.engine.rules import same_forward_bases
+
+    for t in same_forward_bases(module):
+        rule = _UNIT_RULES.get(t)
+        if rule is not None:
+            return rule
+    return None
+
+
+# Recurrent layers are units from the start: one fused op takes every weight and returns hidden states with the batch
+# second, whose first dimension (layers × directions) could equal the micro-batch by coincidence.
+register_unit_rule(nn.RNN, nn.LSTM, nn.GRU)(UnitRule)
 
 
 __all__ = [
