@@ -281,12 +281,14 @@ class FunctionalFallback:
         if output is None or not torch.is_grad_enabled():
             return None
         if frame.unit:
-            self._record_unit(frame, output, planned=True)
-            return None
-        if frame.fold is not None and not frame.in_unit:
-            if self._eligible(frame, output):
+            if self._record_unit(frame, output):
+                return None
+            # called on a batch that is not the micro-batch's (folded by an enclosing module)
+            frame.fold = f"'{self._name(mod)}' ({type(mod).__name__}) is called on a folded batch"
+        if frame.fold is not None and (frame.unit or not frame.in_unit):
+            if self._eligible(frame, output) and not frame.unit:
                 self._resolve_fold(frame)
-                self._record_unit(frame, output, planned=False)
+                self._record_unit(frame, output)
             elif cap.frames:
                 parent = cap.frames[-1]
                 parent.fold = parent.fold or frame.fold
@@ -431,7 +433,10 @@ class FunctionalFallback:
             f" {frame.fold}, so the examples cannot be told apart at a smaller scope.",
         )
 
-    def _record_unit(self, frame: _Frame, output: Any, planned: bool) -> None:
+    def _record_unit(self, frame: _Frame, output: Any) -> bool:
+        """Record a call of a unit; False if its inputs and outputs do not have the micro-batch along their batch
+        dimensions (the enclosing module must then be the unit).
+        """
         cap = self._capture
         assert cap is not None
         m = frame.module
@@ -439,11 +444,7 @@ class FunctionalFallback:
         flat_out, out_spec = tree_flatten(output)
         dims = batch_dims_of(m, flat_in, flat_out, cap.b, self._constant)
         if dims is None:
-            raise DPMisconfigurationError(
-                f"'{self._name(m)}' ({type(m).__name__}) is computed per example as one unit, but this call's outputs"
-                f" do not have the micro-batch's {cap.b} examples along their batch dimension (an unbatched or packed"
-                " input?). Give it a batch of examples, batch dimension as the module expects."
-            )
+            return False
         in_dims, out_dims = dims
         param_inputs = {
             i: x
@@ -460,6 +461,7 @@ class FunctionalFallback:
             if y.requires_grad:
                 y.register_hook(self._grad_hook(call.grads, i))
         cap.unit_calls.setdefault(m, []).append(call)
+        return True
 
     @staticmethod
     def _grad_hook(store: dict[int, Tensor], i: int) -> Any:

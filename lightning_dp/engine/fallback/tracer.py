@@ -176,7 +176,13 @@ class OpRecord:
     last_method: str = ""
 
     def per_sample(self, b: int) -> tuple[dict[nn.Parameter, Tensor], dict[int, Tensor]]:
-        """Per-sample gradients of :attr:`params` and the recomputed outputs (per output leaf, as a batch)."""
+        """Per-sample gradients of :attr:`params` and the recomputed outputs (per output leaf, as a batch; none when
+        a closed form of :mod:`~lightning_dp.engine.fallback.op_rules` applies, which recomputes nothing).
+        """
+        closed = self._closed_form(b)
+        if closed is not None:
+            self.last_method = "closed form"
+            return closed, {}
         names = {p: f"p{k}" for k, p in enumerate(self.params)}
         primals = {names[p]: p.detach() for p in self.params}
         func = out_of_place(self.func)
@@ -200,6 +206,65 @@ class OpRecord:
         )
         self.last_method = how
         return {p: grads[names[p]] for p in self.params}, dict(zip(leaves, outs))
+
+    def _closed_form(self, b: int) -> dict[nn.Parameter, Tensor] | None:
+        """Per-sample gradients by an op rule (``x * gamma``, ``x + t``, ``F.linear``, norms), or None."""
+        from lightning_dp.engine.fallback.op_rules import OP_RULES
+
+        rule = OP_RULES.get(_name(out_of_place(self.func)))
+        if rule is None or len(self.out_leaves) != 1:
+            return None
+        # a tensor expanded to the batch is replayed with one row, broadcast along the batch as the rules expect
+        replay = Replay({p: p.detach() for p in self.params})
+        tracked: dict[int, tuple[str, Any, Tensor]] = {}
+        flat: list[Any] = []
+        for kind, v in self.items:
+            if kind == "batched":
+                flat.append(self.batched[v])
+                continue
+            if kind == "const":
+                flat.append(v)
+                continue
+            value = v.detach() if kind == "leaf" else replay.derived(v)
+            if id(value) in tracked:  # the same tensor twice: not a simple form
+                return None
+            tracked[id(value)] = (kind, v, value)
+            flat.append(value)
+        args, kwargs = tree_unflatten(flat, self.spec)
+        leaf = self.out_leaves[0]
+        grad = self.grads.get(leaf)
+        if grad is None:
+            shape, dtype, device = self.outputs[leaf]
+            grad = torch.zeros(shape, dtype=dtype, device=device)
+        cots = rule(list(args), dict(kwargs), set(tracked), grad, b)
+        if cots is None or set(cots) != set(tracked):
+            return None
+        per: dict[nn.Parameter, Tensor] = {}
+        pulled: list[tuple[Derived, Tensor, Tensor]] = []
+        for key, cot in cots.items():
+            kind, v, value = tracked[key]
+            if kind == "leaf":
+                _accumulate(per, v, cot.reshape(b, *v.shape).float())
+            else:
+                pulled.append((v, value, cot))
+        if pulled:
+            params = list(leaves_of([("derived", d) for d, _, _ in pulled]))
+
+            def recipe(*ps: Tensor) -> tuple[Tensor, ...]:
+                r = Replay(dict(zip(params, ps)))
+                return tuple(r.derived(d) for d, _, _ in pulled)
+
+            _, vjp_fn = torch.func.vjp(recipe, *[p.detach() for p in params])
+            cots_in = tuple(cot.reshape(b, *value.shape).to(value.dtype) for _, value, cot in pulled)
+            grads = torch.func.vmap(vjp_fn)(cots_in)
+            for p, g in zip(params, grads):
+                _accumulate(per, p, g.float())
+        return per
+
+
+def _accumulate(per: dict[nn.Parameter, Tensor], p: nn.Parameter, g: Tensor) -> None:
+    prev = per.get(p)
+    per[p] = g if prev is None else prev + g
 
 
 def leaves_of(items: list[tuple[str, Any]]) -> set[nn.Parameter]:
