@@ -394,3 +394,47 @@ def test_fit_through_trainer_announces_once(family, engine_name, monkeypatch):
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
     notices = [m for m in handler.messages if "torch.func" in m]
     assert notices and len(notices) == len(set(notices)), notices
+
+
+class MHAVariants(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        kdim = 5 if kind == "kdim" else None
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=kind != "seq_first", kdim=kdim, vdim=kdim, dropout=0.2)
+        self.ctx = nn.Linear(8, 5 if kind == "kdim" else 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # (B, T, 8)
+        ctx = self.ctx(x.flip(1))
+        if self.kind == "seq_first":
+            out, _ = self.attn(x.transpose(0, 1), ctx.transpose(0, 1), ctx.transpose(0, 1))
+            out = out.transpose(0, 1)
+        elif self.kind == "self":
+            mask = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+            mask[:, -1] = True
+            out, _ = self.attn(x, x, x, key_padding_mask=mask)
+        else:
+            out, _ = self.attn(x, ctx, ctx, need_weights=False)
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize("engine_name", ["hooks", "ghost"])
+@pytest.mark.parametrize("kind", ["self", "cross", "seq_first", "kdim"])
+def test_multihead_attention_native_rule(kind, engine_name):
+    """Self- and cross-attention, batch first or not, separate key/value dims, dropout in train mode: per-sample
+    gradients of the real forward, from one batched recomputation (no per-example vmap).
+    """
+    torch.manual_seed(0)
+    model = MHAVariants(kind).double().train()
+    x, y = torch.randn(4, 5, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    state = torch.get_rng_state()
+    ref = _per_example_of_batched_forward(model, x, y, state)
+    ref_norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in ref.values()))
+    engine, per, norms, summed = _engine_norms_and_sum(engine_name, model, x, y, state)
+    assert engine._fallback.last_methods == {"attn": "unit:native"}
+    assert _rel(norms.double(), ref_norms) < 1e-5
+    for p, g in ref.items():
+        assert _rel(summed[p].double(), g.sum(0)) < 1e-5
+        if per is not None:
+            assert _rel(per.get(p, torch.zeros_like(g)).double(), g) < 1e-5

@@ -4,6 +4,7 @@ See :mod:`lightning_dp.engine.fallback.planner` for where it applies (ops, or th
 first), :mod:`~lightning_dp.engine.fallback.tracer` and :mod:`~lightning_dp.engine.fallback.units` for how.
 """
 
+from lightning_dp.engine.fallback.mha import MultiheadAttentionRule  # registers the native MHA rule
 from lightning_dp.engine.fallback.per_example import BatchedArg, Fingerprint, ForwardState, per_example_vjp
 from lightning_dp.engine.fallback.planner import FunctionalFallback
 from lightning_dp.engine.fallback.units import (
@@ -19,6 +20,7 @@ __all__ = [
     "Fingerprint",
     "ForwardState",
     "FunctionalFallback",
+    "MultiheadAttentionRule",
     "UnitCall",
     "UnitRule",
     "per_example_vjp",

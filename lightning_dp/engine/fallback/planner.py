@@ -48,7 +48,7 @@ from lightning_dp.engine.fallback.tracer import (
     leaves_of,
     no_gradient,
 )
-from lightning_dp.engine.fallback.units import UnitCall, UnitRule, batch_dims_of, unit_rule_for
+from lightning_dp.engine.fallback.units import UnitCall, UnitRule, batch_dims_of, input_names, unit_rule_for
 from lightning_dp.errors import DPMisconfigurationError
 
 #: how many names an announcement lists before "and N more"
@@ -387,6 +387,12 @@ class FunctionalFallback:
             frame.fold = frame.fold or reason
 
     # ------------------------------------------------------------------ units
+    def _model_tensor(self, x: Tensor) -> bool:
+        """A parameter or buffer of the model (never batched, whatever its shape)."""
+        cap = self._capture
+        assert cap is not None
+        return id(x) in cap.constants
+
     def _constant(self, x: Tensor) -> bool:
         cap = self._capture
         assert cap is not None
@@ -401,7 +407,8 @@ class FunctionalFallback:
         ):
             return False
         flat_in = tree_flatten((frame.args, frame.kwargs))[0]
-        dims = batch_dims_of(frame.module, flat_in, tree_flatten(output)[0], cap.b, self._constant)
+        names = input_names(frame.module, frame.args, frame.kwargs)
+        dims = batch_dims_of(frame.module, flat_in, tree_flatten(output)[0], cap.b, self._model_tensor, names)
         if dims is None:
             return False
         in_dims, out_dims = dims
@@ -442,7 +449,8 @@ class FunctionalFallback:
         m = frame.module
         flat_in, spec = tree_flatten((frame.args, frame.kwargs))
         flat_out, out_spec = tree_flatten(output)
-        dims = batch_dims_of(m, flat_in, flat_out, cap.b, self._constant)
+        names = input_names(m, frame.args, frame.kwargs)
+        dims = batch_dims_of(m, flat_in, flat_out, cap.b, self._model_tensor, names)
         if dims is None:
             return False
         in_dims, out_dims = dims

@@ -13,13 +13,14 @@ own way of computing per-sample gradients from the recorded calls (:func:`regist
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten, tree_flatten_with_path, tree_unflatten
 
 from lightning_dp.engine.fallback.per_example import (
     BatchedArg,
@@ -54,11 +55,60 @@ def register_batch_dims(*module_types: type[nn.Module]) -> Callable[[BatchDims],
     return decorator
 
 
+def input_names(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """Per leaf of ``tree_flatten((args, kwargs))``, the name of the ``forward`` parameter it belongs to (for batch
+    dimension callbacks that need to know which input is which).
+    """
+    params = [
+        n
+        for n, p in inspect.signature(module.forward).parameters.items()
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    names: list[str] = []
+    for path, _ in tree_flatten_with_path((args, kwargs))[0]:
+        top, key = path[0], path[1] if len(path) > 1 else None
+        if top.idx == 0 and isinstance(key, SequenceKey):
+            names.append(params[key.idx] if key.idx < len(params) else f"*{key.idx}")
+        elif isinstance(key, MappingKey):
+            names.append(str(key.key))
+        else:
+            names.append("?")
+    return names
+
+
+@register_batch_dims(nn.MultiheadAttention)
+def _mha_batch_dims(
+    module: nn.Module, inputs: list[Any], outputs: list[Any], b: int, names: list[str] | None = None
+) -> tuple[list[int | None], list[int | None]] | None:
+    """``nn.MultiheadAttention``: query/key/value and the output batch-first or batch-second (``batch_first``), the
+    key padding mask and the attention weights batch-first; a 2-D attention mask is shared; a 3-D one (``B·heads``
+    rows) is not per-sample at this level.
+    """
+    seq = 0 if module.batch_first else 1
+    in_dims: list[int | None] = []
+    for name, x in zip(names or [], inputs):
+        if not isinstance(x, Tensor):
+            in_dims.append(None)
+        elif name in ("query", "key", "value"):
+            if x.dim() != 3 or x.shape[seq] != b:
+                return None
+            in_dims.append(seq)
+        elif name == "key_padding_mask":
+            in_dims.append(0 if x.dim() == 2 else None)
+        elif name == "attn_mask" and x.dim() == 3:
+            return None
+        else:
+            in_dims.append(None)
+    out_dims = [None if not isinstance(y, Tensor) else (seq if i == 0 else 0) for i, y in enumerate(outputs)]
+    return in_dims, out_dims
+
+
 def default_batch_dims(
     module: nn.Module, inputs: list[Any], outputs: list[Any], b: int, constant: Callable[[Tensor], bool]
 ) -> tuple[list[int | None], list[int | None]] | None:
-    """Batch first: a tensor input is batched if its first dimension has ``b`` rows and it is not a constant
-    (parameter, buffer); every tensor output must be batched.
+    """Batch first: a tensor input is batched if its first dimension has ``b`` rows and it is not a parameter or
+    buffer of the model (a tensor made in the forward with the batch's size, e.g. a mask, is sliced per example too; a
+    coincidence of sizes would change the recomputed output, which is checked); every tensor output must be batched.
     """
     in_dims: list[int | None] = []
     for x in inputs:
@@ -75,7 +125,12 @@ def default_batch_dims(
 
 
 def batch_dims_of(
-    module: nn.Module, inputs: list[Any], outputs: list[Any], b: int, constant: Callable[[Tensor], bool]
+    module: nn.Module,
+    inputs: list[Any],
+    outputs: list[Any],
+    b: int,
+    constant: Callable[[Tensor], bool],
+    names: list[str] | None = None,
 ) -> tuple[list[int | None], list[int | None]] | None:
     """The registered batch dimensions of ``module``'s flattened inputs and outputs, or the default (batch first);
     None if its outputs are not batched.
@@ -83,6 +138,8 @@ def batch_dims_of(
     for t in type(module).__mro__:
         fn = _BATCH_DIMS.get(t)
         if fn is not None:
+            if "names" in inspect.signature(fn).parameters:
+                return fn(module, inputs, outputs, b, names=names)
             return fn(module, inputs, outputs, b)
     return default_batch_dims(module, inputs, outputs, b, constant)
 
