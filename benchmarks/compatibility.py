@@ -12,8 +12,10 @@ frozen; BatchNorm families after ``lightning_dp.fix_model``):
 - **time / non-private**: process CPU time of one step (``capture`` → forward → backward → ``clip_and_accumulate``,
   fp32, batch 32) over that of a plain forward + backward, median of 5 steps after 2 warm-up steps, side by side in
   one process. The configurations are tiny, so Python overhead per op weighs far more than on real models.
-- **fallback**: how the fallback covered what no layer rule does (``ops``: traced at the ops, ``unit``: modules
-  recomputed per example, with their names).
+- **fallback**: how the torch.func fallback covered what no layer rule does, per micro-batch: ``op <name>`` calls
+  traced at the op that uses the parameter (``closed form``: a rule of ``op_rules``, ``vmap``: recomputed per example),
+  ``unit <Type>`` module calls recomputed as a whole (``native``: MHA's batched rule, ``vmap``, or ``loop``: one
+  example at a time where an op has no batching rule); ``native``: layer rules only.
 
 Example:
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/compatibility.py --out /tmp/compat.md
@@ -115,13 +117,8 @@ def _timing(entry: ZooEntry, batch_size: int) -> tuple[dict[str, float], dict[st
             engine.pop_summed()
 
         ratios[name] = _median_cpu(private) / base
-        fb = engine._fallback
-        parts = []
-        if fb.units:
-            parts.append("unit: " + ", ".join(sorted(type(m).__name__ for m in fb.units)))
-        if fb.regions:
-            parts.append("ops: " + ", ".join(sorted({type(m).__name__ if m is not None else "-" for m in fb.regions})))
-        methods[name] = "; ".join(parts) or "native"
+        summary = engine._fallback.last_summary
+        methods[name] = ", ".join(f"{k} ×{n}" if n > 1 else k for k, n in sorted(summary.items())) or "native"
         engine.detach()
     return ratios, methods
 

@@ -305,3 +305,40 @@ def test_embedding_with_padding_index_matches_brute_force():
         assert _rel_err(g, ref[p]) < 1e-4
     assert got[model.emb.weight][:, 0].abs().max() == 0
     engine.clip_and_accumulate(1.0)  # the cross-check agrees with autograd
+
+
+def test_layout_the_rule_does_not_handle_is_named():
+    """A rule that reads its input as contiguous NCHW storage (as Opacus's conv sampler assumes) is wrong on a
+    channels-last tensor: the cross-check names the layout as the cause.
+    """
+
+    class ChannelScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return x * self.w.view(1, -1, 1, 1)
+
+    def nchw_rule(layer, acts, back):
+        x = acts[0]
+        as_nchw = x.as_strided(x.shape, torch.empty(x.shape).stride())  # the storage read as contiguous NCHW
+        return {layer.w: (as_nchw * back).sum((2, 3))}
+
+    register_grad_sampler(ChannelScale)(nchw_rule)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ChannelScale(), nn.Flatten(), nn.Linear(64, 3))
+    x = torch.randn(3, 3, 6, 6)
+    for fmt, error in ((torch.contiguous_format, None), (torch.channels_last, "Cause: layout: layer '1'")):
+        model = model.to(memory_format=fmt)
+        engine = HookEngine(model)
+        engine.attach()
+        with engine.capture(3):
+            model(x.to(memory_format=fmt)).sum().backward()
+        if error is None:
+            engine.clip_and_accumulate(1.0)
+        else:
+            with pytest.raises(
+                DPMisconfigurationError, match=rf"'1.w'.*{error} \(ChannelScale\) ran on a channels_last"
+            ):
+                engine.clip_and_accumulate(1.0)
+        engine.detach()

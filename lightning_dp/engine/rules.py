@@ -238,7 +238,10 @@ def _register_timm() -> None:
         import timm.models.vision_transformer as tvit
     except ImportError:  # pragma: no cover - timm is a dependency, but keep the engine importable without it
         return
-    # timm's norm subclasses only add a fast-norm switch: same math as F.layer_norm / F.group_norm.
+    # timm's Linear only adds a cast under torchscript; its norm subclasses a fast-norm switch: same math.
+    from opacus.grad_sample import GradSampleModule
+
+    register_grad_sampler(tl.Linear)(GradSampleModule.GRAD_SAMPLERS[nn.Linear])
     register_grad_sampler(tl.LayerNorm)(layer_norm_rule)
     register_grad_sampler(tl.LayerNorm2d)(layer_norm_2d_rule)
     register_grad_sampler(tl.GroupNorm, tl.GroupNorm1)(group_norm_rule)

@@ -152,6 +152,8 @@ class FunctionalFallback:
         self._static: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
         self._groups: list[tuple[str, dict[nn.Parameter, Tensor]]] | None = None
         self.last_methods: dict[str, str] = {}
+        #: how the last micro-batch was covered: counts per ``"unit <Type> (<method>)"`` / ``"op <name> (<method>)"``
+        self.last_summary: dict[str, int] = {}
 
         covered = {p for m in self.native for p in m._parameters.values() if p is not None} | set(broadcast)
         for m in module.modules():
@@ -675,6 +677,7 @@ class FunctionalFallback:
         groups: list[tuple[str, dict[nn.Parameter, Tensor]]] = []
         checks: list[tuple[Tensor, str]] = []
         self.last_methods = {}
+        self.last_summary = {}
         for m, calls in cap.unit_calls.items():
             rule = self.units[m]
             total: dict[nn.Parameter, Tensor] = {}
@@ -685,11 +688,15 @@ class FunctionalFallback:
                     mismatch = call.fingerprints[i].mismatch(Fingerprint.of(o, call.out_dims[i]))  # type: ignore[arg-type]
                     checks.append((mismatch.max(), f"'{self._name(m)}' ({type(m).__name__})"))
             self.last_methods[self._name(m)] = f"unit:{rule.last_method}"
+            key = f"unit {type(m).__name__} ({rule.last_method})"
+            self.last_summary[key] = self.last_summary.get(key, 0) + 1
             if total:
                 groups.append((self._name(m), total))
         by_owner: dict[str, dict[nn.Parameter, Tensor]] = {}
         for r in cap.ops:
             per, outs = r.per_sample(b)
+            key = f"op {_name(r.func)} ({r.last_method})"
+            self.last_summary[key] = self.last_summary.get(key, 0) + 1
             for p, g in per.items():
                 owner = self._name(self.owner.get(p))
                 _add_into(by_owner.setdefault(owner, {}), {p: g})

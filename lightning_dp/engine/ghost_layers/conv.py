@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_dp.engine.convolution import conv_grad_sequence, conv_patches, per_sample_weight
 from lightning_dp.engine.ghost_layers.base import GhostRecord, register_ghost_layer
-from lightning_dp.engine.ghost_layers.matmul import MatmulGhostLayer, cat, ghost_squared_norms
+from lightning_dp.engine.ghost_layers.matmul import MatmulCaptured, MatmulGhostLayer, cat, ghost_squared_norms
 
 
 @dataclass
@@ -39,8 +39,16 @@ class ConvGhostLayer(MatmulGhostLayer):
         g = cat([conv_grad_sequence(m, r.grad) for r in records if r.grad is not None], 2)
         return ConvCaptured(a.float(), g.float())
 
+    @staticmethod
+    def _single(captured: ConvCaptured) -> MatmulCaptured | None:
+        """One group: the plain linear-layer form, so that :class:`MatmulGhostLayer`'s contractions apply."""
+        return MatmulCaptured(captured.a[:, 0], captured.g[:, 0]) if captured.a.shape[1] == 1 else None
+
     @override
     def squared_norms(self, captured: ConvCaptured) -> Tensor | None:  # type: ignore[override]
+        single = self._single(captured)
+        if single is not None:
+            return super().squared_norms(single)
         a, g = captured.a, captured.g
         b, groups, length, d = a.shape
         p = g.shape[-1]
@@ -59,6 +67,9 @@ class ConvGhostLayer(MatmulGhostLayer):
 
     @override
     def instantiate(self, captured: ConvCaptured) -> dict[nn.Parameter, Tensor]:  # type: ignore[override]
+        single = self._single(captured)
+        if single is not None:
+            return super().instantiate(single)
         a, g = captured.a, captured.g
         weight, bias = self.trainable("weight"), self.trainable("bias")
         out: dict[nn.Parameter, Tensor] = {}
@@ -70,6 +81,9 @@ class ConvGhostLayer(MatmulGhostLayer):
 
     @override
     def clipped_sum(self, captured: ConvCaptured, factors: Tensor) -> dict[nn.Parameter, Tensor]:  # type: ignore[override]
+        single = self._single(captured)
+        if single is not None:
+            return super().clipped_sum(single, factors)
         a, g = captured.a, captured.g
         weight, bias = self.trainable("weight"), self.trainable("bias")
         out: dict[nn.Parameter, Tensor] = {}
