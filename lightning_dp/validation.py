@@ -38,13 +38,14 @@ def validate_module(module: nn.Module) -> None:
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             raise DPMisconfigurationError(
                 f"Layer '{name}' is a {type(mod).__name__}: batch normalisation mixes the examples of a batch, so"
-                " per-sample gradients (and the DP guarantee) are not defined. Replace it, e.g. with"
-                " `model = opacus.validators.ModuleValidator.fix(model)` (BatchNorm → GroupNorm)."
+                " per-sample gradients (and the DP guarantee) are not defined. Replace it:"
+                " `lightning_dp.fix_model(model)` swaps every BatchNorm variant (timm's BatchNormAct2d included, with"
+                " its activation) for a GroupNorm."
             )
         if isinstance(mod, nn.modules.instancenorm._InstanceNorm) and mod.track_running_stats:
             raise DPMisconfigurationError(
                 f"Layer '{name}' is an {type(mod).__name__} with track_running_stats=True: its running statistics"
-                " mix examples. Set track_running_stats=False or use `opacus.validators.ModuleValidator.fix(model)`."
+                " mix examples. Set track_running_stats=False or call `lightning_dp.fix_model(model)`."
             )
         if getattr(mod, "grad_checkpointing", False) is True or getattr(mod, "gradient_checkpointing", False) is True:
             raise DPMisconfigurationError(

@@ -6,7 +6,7 @@ from helpers import ConvNet, TextNet, brute_force_grads, make_vit, mlp
 from torch import nn
 
 from lightning_dp.engine import HookEngine, register_grad_sampler
-from lightning_dp.errors import DPMisconfigurationError, UnsupportedLayerError
+from lightning_dp.errors import DPMisconfigurationError
 
 
 def _engine_grads(model, x, y):
@@ -130,41 +130,111 @@ def test_bf16_autocast_norms_close_to_fp32():
     assert _rel_err(norms, ref_norms) < 2e-2
 
 
-def test_unsupported_layer_is_named():
+def test_layer_without_rule_is_covered_by_the_fallback_and_a_rule_makes_it_native():
     class Scale(nn.Module):
         def __init__(self):
             super().__init__()
-            self.s = nn.Parameter(torch.ones(3))
+            self.s = nn.Parameter(torch.randn(3))
 
         def forward(self, x):
             return x * self.s
 
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), Scale())
-    with pytest.raises(UnsupportedLayerError, match=r"'1'.*Scale.*\['s'\]"):
-        HookEngine(model)
-    # registering a rule makes it supported
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    ref = brute_force_grads(model, x, y)
+    engine, got = _engine_grads(model, x, y)
+    assert engine._fallback.regions == {model[1]}, "the fallback traces the ops of the layer without a rule"
+    for p, g in ref.items():
+        assert _rel_err(got[p], g) < 1e-5
+    engine.clip_and_accumulate(1.0)  # the exact cross-check agrees
+    # registering a rule makes it native (nothing left to the fallback)
     register_grad_sampler(Scale)(lambda layer, acts, back: {layer.s: acts[0] * back})
-    HookEngine(model)
+    assert HookEngine(model)._fallback.regions == set()
 
 
 @pytest.mark.parametrize("engine_name", ["hooks", "ghost"])
-def test_functional_use_of_weight_is_detected(engine_name):
+def test_weight_used_outside_its_layer_is_traced_at_the_op(engine_name, caplog):
     from lightning_dp.engine import ENGINES
 
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 3)
 
         def forward(self, x):
-            return nn.functional.linear(self.fc(x), self.fc.weight)
+            return self.head(nn.functional.linear(self.fc(x), self.fc.weight))
 
+    torch.manual_seed(0)
     model = Tied()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    ref = brute_force_grads(model, x, y)
+    ref_norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in ref.values()))
+    engine = ENGINES[engine_name](model)
+    engine.attach()
+    for _ in range(2):  # the checked micro-batch (every op watched), then a plain one
+        with caplog.at_level("INFO"), engine.capture(6):
+            nn.functional.cross_entropy(model(x), y).backward()
+        assert _rel_err(engine.clip_and_accumulate(1e9), ref_norms) < 1e-5
+        summed = engine.pop_summed()
+        for p, g in ref.items():
+            assert _rel_err(summed[p], g.sum(0)) < 1e-5
+    notices = [r.getMessage() for r in caplog.records if "outside its layer's forward" in r.getMessage()]
+    assert len(notices) == 1 and "'fc.weight'" in notices[0]
+
+
+class _HiddenMatmul(torch.autograd.Function):
+    """Uses a weight inside a custom autograd Function: no hook and no torch function mode sees the use."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w, g.t() @ x
+
+
+class HiddenUse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return _HiddenMatmul.apply(self.fc(x), self.fc.weight)
+
+
+@pytest.mark.parametrize("engine_name", ["hooks", "ghost"])
+def test_hidden_use_of_a_weight_is_caught_and_named(engine_name):
+    from lightning_dp.engine import ENGINES
+
+    model = HiddenUse()
     engine = ENGINES[engine_name](model)
     engine.attach()
     with engine.capture(3):
         model(torch.randn(3, 4)).sum().backward()
-    with pytest.raises(DPMisconfigurationError, match="used outside its layer's forward"):
+    with pytest.raises(DPMisconfigurationError, match=r"'fc.weight'.*Cause: use outside the forward.*rule .* is right"):
+        engine.clip_and_accumulate(1.0)
+
+
+def test_wrong_rule_is_caught_and_named():
+    class Doubler(nn.Linear):
+        def forward(self, x):
+            return super().forward(x)
+
+    def wrong(layer, acts, back):
+        return {layer.weight: 2 * torch.einsum("bo,bi->boi", back, acts[0]), layer.bias: back}
+
+    register_grad_sampler(Doubler)(wrong)
+    model = nn.Sequential(Doubler(4, 3))
+    engine = HookEngine(model)
+    engine.attach()
+    with engine.capture(3):
+        model(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(DPMisconfigurationError, match=r"'0.weight'.*Cause: rule: the per-sample rule .*wrong"):
         engine.clip_and_accumulate(1.0)
 
 
@@ -235,3 +305,40 @@ def test_embedding_with_padding_index_matches_brute_force():
         assert _rel_err(g, ref[p]) < 1e-4
     assert got[model.emb.weight][:, 0].abs().max() == 0
     engine.clip_and_accumulate(1.0)  # the cross-check agrees with autograd
+
+
+def test_layout_the_rule_does_not_handle_is_named():
+    """A rule that reads its input as contiguous NCHW storage (as Opacus's conv sampler assumes) is wrong on a
+    channels-last tensor: the cross-check names the layout as the cause.
+    """
+
+    class ChannelScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return x * self.w.view(1, -1, 1, 1)
+
+    def nchw_rule(layer, acts, back):
+        x = acts[0]
+        as_nchw = x.as_strided(x.shape, torch.empty(x.shape).stride())  # the storage read as contiguous NCHW
+        return {layer.w: (as_nchw * back).sum((2, 3))}
+
+    register_grad_sampler(ChannelScale)(nchw_rule)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ChannelScale(), nn.Flatten(), nn.Linear(64, 3))
+    x = torch.randn(3, 3, 6, 6)
+    for fmt, error in ((torch.contiguous_format, None), (torch.channels_last, "Cause: layout: layer '1'")):
+        model = model.to(memory_format=fmt)
+        engine = HookEngine(model)
+        engine.attach()
+        with engine.capture(3):
+            model(x.to(memory_format=fmt)).sum().backward()
+        if error is None:
+            engine.clip_and_accumulate(1.0)
+        else:
+            with pytest.raises(
+                DPMisconfigurationError, match=rf"'1.w'.*{error} \(ChannelScale\) ran on a channels_last"
+            ):
+                engine.clip_and_accumulate(1.0)
+        engine.detach()

@@ -31,7 +31,7 @@ def test_both_or_neither_of_target_and_noise():
 
 def test_batchnorm_points_to_module_validator():
     net = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
-    with pytest.raises(DPMisconfigurationError, match=r"'net.1'.*BatchNorm1d.*ModuleValidator.fix"):
+    with pytest.raises(DPMisconfigurationError, match=r"'net.1'.*BatchNorm1d.*lightning_dp.fix_model"):
         _fit(model=_NoStep(net))
 
 
@@ -40,17 +40,20 @@ def test_no_trainable_parameters():
         _fit(model=_NoStep(mlp().requires_grad_(False)))
 
 
-def test_unsupported_layer_named():
-    class Gate(nn.Module):
+def test_broadcast_parameter_of_wrong_shape_named():
+    from lightning_dp.engine import register_broadcast_parameters
+
+    class Prompt(nn.Module):
         def __init__(self):
             super().__init__()
-            self.w = nn.Parameter(torch.ones(3))
+            self.tokens = nn.Parameter(torch.zeros(2, 3))
 
         def forward(self, x):
-            return x * self.w
+            return x + self.tokens.sum(0)
 
-    with pytest.raises(UnsupportedLayerError, match="net.1"):
-        _fit(model=_NoStep(nn.Sequential(mlp(), Gate())))
+    register_broadcast_parameters(Prompt, "tokens")
+    with pytest.raises(UnsupportedLayerError, match=r"'net.1.tokens'.*shape \(2, 3\)"):
+        _fit(model=_NoStep(nn.Sequential(mlp(), Prompt())))
 
 
 def test_delta_not_below_one_over_n():

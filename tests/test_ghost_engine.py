@@ -5,13 +5,13 @@ import logging
 import lightning as L
 import pytest
 import torch
-from helpers import ClassifierModule, ConvNet, TextNet, brute_force_grads, make_vit, mlp, trainer
+from helpers import ClassifierModule, TextNet, brute_force_grads, make_vit, mlp, trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dp import DPStrategy
 from lightning_dp.engine import ENGINES, GhostEngine, HookEngine, build_engine
-from lightning_dp.errors import DPMisconfigurationError, UnsupportedLayerError
+from lightning_dp.errors import DPMisconfigurationError
 
 
 def _rel_err(a, b):
@@ -182,7 +182,7 @@ def test_method_choice_per_layer():
     assert engine.last_methods == {"emb": "instantiate", "out": "instantiate"}
 
 
-def test_conv1d_is_native_and_grouped_conv1d_falls_back():
+def test_conv1d_is_native_including_grouped():
     torch.manual_seed(0)
     model = Conv1dNet().eval()
     engine = GhostEngine(model)
@@ -200,7 +200,7 @@ def test_conv1d_is_native_and_grouped_conv1d_falls_back():
     with engine.capture(4):
         nn.functional.cross_entropy(grouped(x), y).backward()
     assert _rel_err(engine.clip_and_accumulate(1e9), norms) < 1e-4
-    assert engine.last_methods["0"] == "rule"
+    assert engine.last_methods["0"] == "instantiate"  # native: per group, instantiated as it is cheaper here
     summed = engine.pop_summed()
     for p, g in ref.items():
         assert _rel_err(summed[p], g.sum(0)) < 1e-4
@@ -279,9 +279,22 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+class Conv3dNet(nn.Module):
+    """A Conv3d (only Opacus's grad sampler, no ghost norm) and a GroupNorm (our rule: instantiated, no notice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4 * 2 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.norm(self.conv(x.view(x.shape[0], 3, 2, 4, 4)))).flatten(1))
+
+
 def test_fallback_rule_with_notice():
     torch.manual_seed(5)
-    model = ConvNet().eval()  # GroupNorm: only a registry (Opacus) rule, no ghost norm
+    model = Conv3dNet().eval()
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     handler, level = _Collect(), logger.level
     logger.addHandler(handler)
@@ -292,8 +305,8 @@ def test_fallback_rule_with_notice():
         logger.removeHandler(handler)
         logger.setLevel(level)
     notices = [m for m in handler.messages if "GhostEngine has no ghost norm" in m]
-    assert len(notices) == 1 and "GroupNorm" in notices[0], handler.messages
-    x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 3, (5,))
+    assert len(notices) == 1 and "Conv3d" in notices[0] and "GroupNorm" not in notices[0], handler.messages
+    x, y = torch.randn(5, 96), torch.randint(0, 3, (5,))
     ref, norms = _reference(model, x, y)
     c = float(norms.median())
     expected = _expected_sum(ref, norms, c)
@@ -305,7 +318,7 @@ def test_fallback_rule_with_notice():
         summed = engine.pop_summed()
         for p, e in expected.items():
             assert _rel_err(summed[p], e) < 1e-4
-    assert engine.last_methods == {"conv": "instantiate", "norm": "rule", "fc": "ghost"}
+    assert engine.last_methods == {"conv": "rule", "norm": "rule", "fc": "ghost"}
 
 
 def test_text_model_and_errors_like_hook_engine():
@@ -330,10 +343,16 @@ def test_text_model_and_errors_like_hook_engine():
         def forward(self, x):
             return x * self.s
 
-    with pytest.raises(UnsupportedLayerError, match=r"'1'.*Scale.*\['s'\]"):
-        GhostEngine(nn.Sequential(nn.Linear(4, 3), Scale()))
+    scaled = nn.Sequential(nn.Linear(4, 3), Scale())  # no rule: the torch.func fallback traces its op
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    ref, norms = _reference(scaled, x, y)
+    engine = GhostEngine(scaled)
+    engine.attach()
+    with engine.capture(5):
+        nn.functional.cross_entropy(scaled(x), y).backward()
+    assert _rel_err(engine.clip_and_accumulate(1e9), norms) < 1e-5
 
-    # a weight used outside its layer's forward: tests/test_engine.py::test_functional_use_of_weight_is_detected
+    # a weight used outside its layer's forward: tests/test_engine.py::test_weight_used_outside_its_layer_is_traced
 
 
 def test_registered_and_built_by_name():

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from helpers import ClassifierModule, brute_force_grads, loader, make_vit, trainer
+from test_fallback import ConvZoo, FoldNet
 from test_ghost_engine import EmbedNet, Reused, SeqNet, Tied
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -45,6 +46,10 @@ MODELS = {
     "embedding_layernorm": (EmbedNet, lambda: torch.randint(0, 6, (5, 7))),
     "reused_layer": (Reused, lambda: torch.randn(5, 10)),
     "weight_tying": (Tied, lambda: torch.randint(0, 3, (5, 6))),
+    # a torch.func fallback unit spanning two layers' parameters (its group is split per layer, never counted twice)
+    "fallback_unit": (lambda: FoldNet(p=0.0), lambda: torch.randn(5, 3, 4)),
+    # grouped and depthwise convolutions (fp32 path) beside single-group ones (linear-layer path)
+    "grouped_convs": (ConvZoo, lambda: torch.randn(5, 3, 8, 8)),
 }
 
 

@@ -21,9 +21,11 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_dp.clipping import ClippingMode, clip_factors, per_layer_bound
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients, merge_shared
+from lightning_dp.engine.fallback import FunctionalFallback
 from lightning_dp.engine.layers import (
     BroadcastParameter,
     check_sums_against_autograd,
+    check_tolerance,
     full_precision_matmuls,
     in_backward,
     per_sample_broadcast,
@@ -65,6 +67,11 @@ class ClippingEngine(ABC):
       output gradients are complete (and free the records it was formed from); :meth:`_contributions` then returns
       only the groups that never completed.
     - :meth:`_free_capture`: drop what the capture stored.
+
+    Parameters that no layer rule covers (no rule for their layer, a weight used outside its layer's forward, a layer
+    that folds the batch with another dimension) are covered by the base's
+    :class:`~lightning_dp.engine.fallback.FunctionalFallback` (``torch.func`` per example, at the op that uses them
+    or the smallest module that keeps the batch first); its groups join the engine's in the template.
 
     Non-finite examples: an example whose per-sample gradient norm is NaN or infinite (a NaN/inf input row, a
     ``log(0)`` loss, an overflow; also a finite gradient whose squared norm overflows fp32) adds exactly zero to the
@@ -143,6 +150,15 @@ class ClippingEngine(ABC):
         self._pending_bad: Tensor | None = None
         self._plan()
         self._group_ids, self._groups, self._shared_groups = self._plan_clipping_groups()
+        # ---- any-model: the torch.func fallback for what the engine's layer rules do not cover
+        self._fallback = FunctionalFallback(
+            module,
+            self.params,
+            self.layer_names,
+            [p for *_, p in self._broadcast],
+            self.param_names,
+            type(self).__name__,
+        )
 
     # ------------------------------------------------------------------ what a subclass provides
     @abstractmethod
@@ -226,6 +242,17 @@ class ClippingEngine(ABC):
             )
         return ids.pop()
 
+    def _split_by_clipping_group(self, group: Contribution) -> list[Contribution]:
+        """``group`` as pieces that each lie within one clipping group: a fallback unit's per-sample gradients may
+        span several layers (their norms are then summed per clipping group, as for any group split in pieces).
+        """
+        if len({self._group_ids[p] for p in group.params}) <= 1 or not isinstance(group, PerSampleGradients):
+            return [group]
+        pieces: dict[int, dict[nn.Parameter, Tensor]] = {}
+        for p, gs in group.grads.items():
+            pieces.setdefault(self._group_ids[p], {})[p] = gs
+        return [PerSampleGradients(f"{group.name}[{i}]", grads) for i, grads in pieces.items()]
+
     @contextmanager
     def _layer_work(self, full_precision: bool = True) -> Iterator[None]:
         """For subclasses, around the per-layer work of a backward hook: no capture meanwhile (a rule that runs a
@@ -253,7 +280,13 @@ class ClippingEngine(ABC):
             defer: keep it for clipping time anyway (e.g. a layer sharing a parameter with another, whose groups
                 are merged first).
         """
-        if group.params and self._inline_c is not None and not defer and self._clips_in_backward(group):
+        if (
+            group.params
+            and self._inline_c is not None
+            and not defer
+            and not self._fallback.covers(group)  # replaced by its fallback unit's group: clipping it would count twice
+            and self._clips_in_backward(group)
+        ):
             with full_precision_matmuls():
                 self._apply_masks([group])
                 self._clip_groups_per_layer([[group]], self._inline_c, sync_each=True)
@@ -286,6 +319,7 @@ class ClippingEngine(ABC):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._fallback.detach()
 
     # ------------------------------------------------------------------ capture
     def _should_capture(self, mod: nn.Module, output: Any) -> bool:
@@ -305,10 +339,10 @@ class ClippingEngine(ABC):
             )
         if not isinstance(output, Tensor):
             raise UnsupportedLayerError(
-                f"Layer {type(mod).__name__} returned {type(output).__name__}, not a tensor; its per-sample rule"
-                " needs a single tensor output."
+                f"Layer '{self._fallback.name_of(mod)}' ({type(mod).__name__}) returned {type(output).__name__}, not a"
+                " tensor; its per-sample rule needs a single tensor output."
             )
-        return True
+        return self._fallback.accepts(mod, output)  # any-model: not inside a unit, batch first (else re-planned)
 
     def _check_batch_dimension(self, mod: nn.Module, grad: Tensor) -> None:
         """In a backward hook: the output gradient's first dimension must index the micro-batch's examples.
@@ -319,9 +353,9 @@ class ClippingEngine(ABC):
         b = self._batch_size
         if grad.shape[0] != b:
             raise DPMisconfigurationError(
-                f"Layer {type(mod).__name__} saw a batch dimension of {grad.shape[0]} but the micro-batch has {b}"
-                " examples. Per-sample gradients need every layer's first dimension to index the examples (do not"
-                " fold sequence or crop dimensions into the batch)."
+                f"Layer '{self._fallback.name_of(mod)}' ({type(mod).__name__}) saw a batch dimension of"
+                f" {grad.shape[0]} but the micro-batch has {b} examples. Per-sample gradients need every layer's first"
+                " dimension to index the examples (do not fold sequence or crop dimensions into the batch)."
             )
 
     @final
@@ -349,12 +383,14 @@ class ClippingEngine(ABC):
         broadcast_grads: dict[nn.Parameter, Tensor] = {}
         self._broadcast_grads = broadcast_grads
         self._start_capture()
+        self._fallback.start(batch_size, discover=self.check_against_autograd)  # any-model
         self._capturing = True
         try:
             with per_sample_broadcast(self._broadcast, batch_size, broadcast_grads):
                 yield
         finally:
             self._capturing = False
+            self._fallback.end()  # any-model
             self._end_capture()
 
     # ------------------------------------------------------------------ the template
@@ -371,15 +407,25 @@ class ClippingEngine(ABC):
         groups += self._ready
         groups += self._contributions()
         self._ready = []
+        # the groups of layers inside a fallback unit are replaced by the unit's
+        groups = [g for g in groups if not self._fallback.covers(g)] + self._fallback.contributions()
         return merge_shared([g for g in groups if g.params])
 
     def _check_sums(self, groups: list[Contribution]) -> None:
         """Compare each group's Σ_i g_i with autograd's ``p.grad`` (see :func:`check_sums_against_autograd`)."""
         ones = torch.ones(self._batch_size, device=self.params[0].device, dtype=torch.float32)
         totals: dict[nn.Parameter, Tensor] = {}
+        spread: dict[nn.Parameter, Tensor] = {}
+        group_of: dict[nn.Parameter, Contribution] = {}
         for g in groups:
-            totals.update(g.clipped_sum(ones))
-        check_sums_against_autograd(self.params, totals, self.param_names)
+            sums = g.clipped_sum(ones)
+            totals.update(sums)
+            width = g.squared_norms().clamp(min=0).sqrt().sum()
+            for p in sums:
+                spread[p], group_of[p] = width, g
+        rtol = check_tolerance(self._fallback.dtypes_seen())
+        explain = lambda p: self._fallback.explain(p, group_of.get(p))  # noqa: E731
+        check_sums_against_autograd(self.params, totals, self.param_names, spread, rtol, explain)
 
     def _apply_masks(self, groups: list[Contribution]) -> bool:
         """Mask the per-sample gradients of masked parameters; whether any group changed.
@@ -462,6 +508,7 @@ class ClippingEngine(ABC):
         self._reset_pending()
         self._inline_c = None
         self._free_capture()
+        self._fallback.free()
 
     @staticmethod
     def _rounding(groups: list[Contribution]) -> Tensor | None:
@@ -522,7 +569,8 @@ class ClippingEngine(ABC):
         """
         by_id: dict[int, list[Contribution]] = {}
         for g in groups:
-            by_id.setdefault(self._group_id(g), []).append(g)
+            for part in self._split_by_clipping_group(g):
+                by_id.setdefault(self._group_id(part), []).append(part)
         self._clip_groups_per_layer(list(by_id.values()), c, sync_each=False)
         b = self._batch_size
         device = self.params[0].device

@@ -77,6 +77,18 @@ class Contribution(ABC):
             keep: ``(b,)`` booleans.
         """
 
+    def materialize(self) -> PerSampleGradients:
+        """The group's per-sample gradients, materialised (needed when a parameter of the group is shared with
+        another group, e.g. a weight used both by its layer and by an op elsewhere).
+
+        Raises:
+            RuntimeError: if the group cannot instantiate its per-sample gradients.
+        """
+        raise RuntimeError(
+            f"Parameter group {self.name!r} ({type(self).__name__}) shares a parameter with another group but cannot"
+            " materialise its per-sample gradients; the engine must instantiate every layer of a shared parameter."
+        )
+
 
 class PerSampleGradients(Contribution):
     """Materialised per-sample gradients ``{p: (b, *p.shape)}`` (fp32) of one parameter group.
@@ -116,6 +128,10 @@ class PerSampleGradients(Contribution):
         self.grads = {p: zero_examples_of(gs, keep) for p, gs in self.grads.items()}
         self._squared = None
 
+    @override
+    def materialize(self) -> PerSampleGradients:
+        return self
+
     def mask(self, masks: dict[nn.Parameter, Tensor]) -> bool:
         """Multiply the per-sample gradients of masked parameters by their 0/1 masks (broadcast over the batch).
 
@@ -145,9 +161,11 @@ def merge_shared(contributions: list[Contribution]) -> list[Contribution]:
     """Merge the groups that share a parameter, so that the groups are disjoint (a per-sample norm is the norm of
     the *sum* of a shared parameter's per-layer gradients, not the sum of their norms).
 
+    Groups without materialised per-sample gradients are materialised (:meth:`Contribution.materialize`) when they
+    share a parameter.
+
     Raises:
-        RuntimeError: if a shared parameter is in a group without materialised per-sample gradients (an engine must
-            instantiate the layers of a shared parameter).
+        RuntimeError: if a group sharing a parameter cannot materialise its per-sample gradients.
     """
     owner: dict[nn.Parameter, int] = {}
     out: list[Contribution | None] = []
@@ -157,18 +175,11 @@ def merge_shared(contributions: list[Contribution]) -> list[Contribution]:
             owner.update(dict.fromkeys(c.params, len(out)))
             out.append(c)
             continue
-        group = [out[i] for i in hits] + [c]
-        if not all(isinstance(g, PerSampleGradients) for g in group):
-            names = ", ".join(repr(g.name) for g in group if g is not None)
-            raise RuntimeError(
-                f"Parameter groups {names} share a parameter but are not all materialised per-sample gradients;"
-                " the engine must instantiate every layer of a shared parameter."
-            )
+        group = [g.materialize() for g in [out[i] for i in hits] + [c] if g is not None]
         target = group[0]
-        assert isinstance(target, PerSampleGradients)
         for g in group[1:]:
-            assert isinstance(g, PerSampleGradients)
             target.add(g)
+        out[hits[0]] = target
         for i in hits[1:]:
             out[i] = None
         owner.update(dict.fromkeys(target.params, hits[0]))

@@ -39,7 +39,7 @@ from lightning_dp.engine.base import ClippingEngine, NonFiniteMode
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
 from lightning_dp.engine.ghost_layers import GhostLayer, GhostRecord, ghost_layer_for
 from lightning_dp.engine.ghost_layers.matmul import MatmulCaptured
-from lightning_dp.engine.layers import plan_layers
+from lightning_dp.engine.layers import bound_inputs, plan_layers
 from lightning_dp.errors import DPMisconfigurationError
 
 
@@ -84,6 +84,10 @@ class GhostContribution(Contribution):
     @override
     def clipped_sum(self, factors: Tensor) -> dict[nn.Parameter, Tensor]:
         return self.layer.clipped_sum(self.captured, factors)
+
+    @override
+    def materialize(self) -> PerSampleGradients:  # any-model: a weight shared with a fallback op
+        return PerSampleGradients(self.name, self.layer.instantiate(self.captured))
 
     @override
     def zero_examples(self, keep: Tensor) -> None:
@@ -202,7 +206,8 @@ class GhostEngine(ClippingEngine):
             module = planned.layer.module
             if planned.layer.autocast_input:
                 self._handles.append(module.register_forward_pre_hook(self._cast_like_autocast))
-            self._handles.append(module.register_forward_hook(self._make_forward_hook(index, planned.layer)))
+            hook = self._make_forward_hook(index, planned.layer)
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))  # keyword inputs too
 
     def _cast_like_autocast(self, mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """Forward pre-hook: under autocast, cast the input to the autocast dtype before the layer does, so that the
@@ -218,7 +223,7 @@ class GhostEngine(ClippingEngine):
         return None if x.dtype == dtype else (x.to(dtype), *args[1:])
 
     def _make_forward_hook(self, index: int, layer: GhostLayer) -> Any:
-        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
             if not self._should_capture(mod, output):
                 return None
             replaced = None
@@ -231,7 +236,7 @@ class GhostEngine(ClippingEngine):
                 output = replaced = output + self._anchor
             if index in self._completed:
                 self._reentered(index)
-            record = GhostRecord(layer.keep_inputs(inputs))
+            record = GhostRecord(layer.keep_inputs(bound_inputs(mod, inputs, kwargs)))
             self._records.setdefault(index, []).append(record)
             output.register_hook(lambda grad: self._on_backprop(index, mod, record, grad))
             return replaced
@@ -273,7 +278,8 @@ class GhostEngine(ClippingEngine):
         self._completed = set()
         self.last_methods = {}
         if self.skip_param_grads and not self.check_against_autograd:
-            self._switched_off = {p for p in self.params if p.requires_grad}
+            # the torch.func fallback's ops need their parameters' gradients: those stay on
+            self._switched_off = {p for p in self.params if p.requires_grad} - self._fallback.fallback_params()
             self._anchor = torch.zeros((), device=self.params[0].device, requires_grad=True)
         for p in self._switched_off:
             p.requires_grad_(False)

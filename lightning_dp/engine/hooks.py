@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_dp.engine.base import ClippingEngine, NonFiniteMode
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
-from lightning_dp.engine.layers import plan_layers
+from lightning_dp.engine.layers import bound_inputs, plan_layers
 from lightning_dp.engine.rules import GradSampleRule, find_rule
 from lightning_dp.errors import DPMisconfigurationError
 
@@ -71,15 +71,15 @@ class HookEngine(ClippingEngine):
         if self._handles:
             return
         for index, (_, mod, rule) in enumerate(self._layers):
-            self._handles.append(mod.register_forward_hook(self._make_forward_hook(index, rule)))
+            self._handles.append(mod.register_forward_hook(self._make_forward_hook(index, rule), with_kwargs=True))
 
     def _make_forward_hook(self, index: int, rule: GradSampleRule) -> Any:
-        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if not self._should_capture(mod, output):
                 return
             if not output.requires_grad:
                 return
-            activations = [x.detach() if isinstance(x, Tensor) else x for x in inputs]
+            activations = [x.detach() if isinstance(x, Tensor) else x for x in bound_inputs(mod, inputs, kwargs)]
             self._calls[index] = self._calls.get(index, 0) + 1
             output.register_hook(lambda grad: self._on_backprop(index, mod, rule, activations, grad))
 
@@ -125,9 +125,17 @@ class HookEngine(ClippingEngine):
         """
         scale = self._scale()
         out: dict[nn.Parameter, Tensor] = {}
-        ready = [g.grads for g in self._ready if isinstance(g, PerSampleGradients)]
-        for grads in [self._broadcast_grads, *ready, *self._grad_samples.values()]:
-            for p, gs in grads.items():
+        # _gather empties the groups handed over in backward and merging mutates groups: gather fresh copies
+        ready = self._ready
+        self._ready = [
+            PerSampleGradients(g.name, dict(g.grads)) if isinstance(g, PerSampleGradients) else g for g in ready
+        ]
+        try:
+            groups = self._gather()  # layers, broadcast parameters and the torch.func fallback
+        finally:
+            self._ready = ready
+        for group in groups:
+            for p, gs in group.materialize().grads.items():
                 prev = out.get(p)
                 out[p] = gs if prev is None else prev + gs
         return {p: gs * scale for p, gs in out.items()}

@@ -11,8 +11,9 @@ from __future__ import annotations
 from torch import nn
 
 from lightning_dp.engine.ghost_layers.base import GhostLayer, GhostRecord, register_ghost_layer, registered_ghost_layer
-from lightning_dp.engine.ghost_layers.conv import Conv1dGhostLayer, Conv2dGhostLayer  # importing registers
+from lightning_dp.engine.ghost_layers.conv import Conv1dGhostLayer, Conv2dGhostLayer, ConvGhostLayer  # registers
 from lightning_dp.engine.ghost_layers.embedding import EmbeddingGhostLayer
+from lightning_dp.engine.ghost_layers.embedding_bag import EmbeddingBagGhostLayer
 from lightning_dp.engine.ghost_layers.linear import LinearGhostLayer
 from lightning_dp.engine.ghost_layers.matmul import MatmulGhostLayer
 from lightning_dp.engine.ghost_layers.rule import RuleGhostLayer
@@ -33,6 +34,8 @@ def ghost_layer_for(module: nn.Module) -> GhostLayer | None:
 __all__ = [
     "Conv1dGhostLayer",
     "Conv2dGhostLayer",
+    "ConvGhostLayer",
+    "EmbeddingBagGhostLayer",
     "EmbeddingGhostLayer",
     "GhostLayer",
     "GhostRecord",

@@ -167,9 +167,16 @@ def register_ghost_layer(*module_types: type[nn.Module]) -> Callable[[L], L]:
 
 
 def registered_ghost_layer(module: nn.Module) -> type[GhostLayer] | None:
-    """The registered class for ``module``'s exact type if it supports the module's configuration, else None."""
-    cls = _GHOST_LAYERS.get(type(module))
-    return cls if cls is not None and cls.supports(module) else None
+    """The class registered for ``module``'s type (or a base class whose ``forward`` it keeps) if it supports the
+    module's configuration, else None.
+    """
+    from lightning_dp.engine.rules import same_forward_bases
+
+    for t in same_forward_bases(module):
+        cls = _GHOST_LAYERS.get(t)
+        if cls is not None:
+            return cls if cls.supports(module) else None
+    return None
 
 
 __all__ = ["GhostLayer", "GhostRecord", "register_ghost_layer", "registered_ghost_layer"]

@@ -11,7 +11,15 @@ from lightning_dp.engine.ghost_layers.base import GhostRecord, register_ghost_la
 from lightning_dp.engine.ghost_layers.matmul import MatmulCaptured, MatmulGhostLayer, as_sequence, cat
 
 
-@register_ghost_layer(nn.Linear)
+def _linear_types() -> tuple[type[nn.Module], ...]:
+    try:
+        from timm.layers import Linear as TimmLinear  # same math as nn.Linear (a cast under torchscript only)
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return (nn.Linear,)
+    return (nn.Linear, TimmLinear)
+
+
+@register_ghost_layer(*_linear_types())
 class LinearGhostLayer(MatmulGhostLayer):
     """``y = x Wᵀ + b``: the calls concatenated along the sequence."""
 

@@ -21,12 +21,15 @@ from lightning_dp.engine.rules import GradSampleRule
 
 def _own_rule_types() -> tuple[type[nn.Module], ...]:
     """Layers with few parameters per channel, for which instantiation by rule is the method (no notice)."""
-    types: list[type[nn.Module]] = [nn.LayerNorm]
+    types: list[type[nn.Module]] = [nn.LayerNorm, nn.GroupNorm]
     try:
         import timm.layers as tl
+        import timm.models.metaformer as metaformer
+        import timm.models.mlp_mixer as mlp_mixer
     except ImportError:  # pragma: no cover - timm is a dependency
         return tuple(types)
-    return (*types, tl.LayerNorm, tl.LayerScale)
+    timm_types = (tl.LayerNorm, tl.LayerNorm2d, tl.LayerScale, tl.LayerScale2d, tl.GroupNorm, tl.GroupNorm1, tl.RmsNorm)
+    return (*types, *timm_types, metaformer.Scale, mlp_mixer.Affine)
 
 
 @dataclass
@@ -52,7 +55,7 @@ class RuleGhostLayer(GhostLayer):
     @override
     def fallback_notice(self) -> str | None:
         t = type(self.module)
-        return None if t in _own_rule_types() else f"{t.__module__}.{t.__qualname__}"
+        return None if isinstance(self.module, _own_rule_types()) else f"{t.__module__}.{t.__qualname__}"
 
     @override
     def collect(self, records: list[GhostRecord]) -> RuleCaptured:
