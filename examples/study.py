@@ -75,7 +75,7 @@ def load_split(args: argparse.Namespace, part: str) -> TensorDataset:
             img_size=args.img_size,
             classes=list(args.public_classes if public else args.private_classes),
             train_size=args.public_size if public else args.private_size,
-            subset_seed=args.seed,
+            subset_seed=args.subset_seed,
         )
         dm.setup("fit")
         _DATA[key] = _materialise(dm.train_set if part.endswith("train") else dm.test_set)
@@ -159,7 +159,7 @@ def run_point(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
     clip, pretrained."""
     torch.set_num_threads(1)
     cpu, wall = time.process_time(), time.time()
-    L.seed_everything(args.seed, verbose=False)
+    L.seed_everything(spec["seed"], verbose=False)
     train, test = load_split(args, "private_train"), load_split(args, "private_test")
     k = len(args.private_classes)
     method, batch, eps = spec["method"], spec["batch"], spec["epsilon"]
@@ -210,7 +210,8 @@ def run_point(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
 def _point_id(spec: dict[str, Any]) -> str:
     eps = "nonprivate" if spec["epsilon"] is None else f"eps{spec['epsilon']:g}"
     init = "" if spec["pretrained"] else "-scratch"
-    return f"{spec['stage']}:{spec['method']}{init}:{eps}:B{spec['batch']}:C{spec['clip']:g}:E{spec['epochs']}"
+    seed = f":seed{spec['seed']}" if spec["seed"] else ""
+    return f"{spec['stage']}:{spec['method']}{init}:{eps}:B{spec['batch']}:C{spec['clip']:g}:E{spec['epochs']}{seed}"
 
 
 def specs(args: argparse.Namespace, stage: str) -> list[dict[str, Any]]:
@@ -232,18 +233,19 @@ def specs(args: argparse.Namespace, stage: str) -> list[dict[str, Any]]:
             out.append({"stage": "baselines", "method": "all", "epsilon": None, "batch": args.methods_batch,
                         "clip": 0.0, "pretrained": pretrained})  # fmt: skip
     for spec in out:
-        spec["epochs"] = args.epochs
+        spec.update(epochs=args.epochs, seed=args.seed)
         spec["id"] = _point_id(spec)
     return out
 
 
-_RUN_KEYS = ("method", "epsilon", "batch", "clip", "pretrained", "epochs")
+_RUN_KEYS = ("method", "epsilon", "batch", "clip", "pretrained", "epochs", "seed")
 
 
 def _done(path: Path) -> dict[str, dict]:
     if not path.exists():
         return {}
-    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["id"]: {"seed": 0, **r} for r in rows}
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:
@@ -284,7 +286,7 @@ def run_stage(args: argparse.Namespace, stage: str, pool: ProcessPoolExecutor | 
             continue
         same = next((r for r in done.values() if all(r.get(k) == spec[k] for k in _RUN_KEYS)), None)
         if same is not None:  # the same training already ran in another stage: reuse it
-            _append(results, {**same, "stage": spec["stage"], "id": spec["id"]})
+            _append(results, {**same, "stage": spec["stage"], "id": spec["id"], "reused_from": same["id"]})
         else:
             todo.append(spec)
     if pool is None:
@@ -346,17 +348,22 @@ def _methods_plot(methods: list[dict], baselines: list[dict], path: Path) -> Non
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / max(len(epsilons), 1)
     for j, eps in enumerate(epsilons):
-        acc = {r["method"]: r["accuracy"] for r in methods if r["epsilon"] == eps}
+        by_method = {r["method"]: r for r in methods if r["epsilon"] == eps}
+        acc = [by_method[m]["accuracy"] if m in by_method else float("nan") for m in names]
+        std = [by_method[m].get("accuracy_std", 0.0) if m in by_method else 0.0 for m in names]
+        seeds = max(r.get("seeds", 1) for r in by_method.values())
         xs = [i + (j - (len(epsilons) - 1) / 2) * width for i in range(len(names))]
-        bars = ax.bar(xs, [acc.get(m, float("nan")) for m in names], width, label=f"ε={eps:g}")
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        label = f"ε={eps:g}" + (f" (mean ± std of {seeds} seeds)" if seeds > 1 else "")
+        bars = ax.bar(xs, acc, width, yerr=std if seeds > 1 else None, capsize=3, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=6 if seeds > 1 else 0)
     for r, style in zip(sorted(baselines, key=lambda r: not r["pretrained"]), ("--", ":")):
         label = "non-private, " + ("public weights" if r["pretrained"] else "from scratch")
         ax.axhline(r["accuracy"], linestyle=style, color="k", label=f"{label} ({r['accuracy']:.3f})")
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("test accuracy")
     ax.set_title(f"fine-tuning methods (B={methods[0]['batch']}, C={methods[0]['clip']:g}, {methods[0]['epochs']} ep.)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylim(0, min(1.0, max(r["accuracy"] for r in methods + baselines) + 0.15))
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -366,6 +373,27 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _average_seeds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration (stage and run keys): accuracies and w_y averaged over seeds, with ``seeds`` and
+    ``accuracy_std`` (0 for one seed)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        key = (r["stage"], *(r.get(k) for k in _RUN_KEYS if k != "seed"))
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for group in groups.values():
+        row = dict(group[0])
+        acc = torch.tensor([r["accuracy"] for r in group], dtype=torch.float64)
+        row["accuracy"] = acc.mean().item()
+        row["accuracy_std"] = acc.std().item() if len(group) > 1 else 0.0
+        row["seeds"] = len(group)
+        for key in ("per_class", "retained_weight"):
+            if row.get(key) is not None:
+                row[key] = torch.tensor([r[key] for r in group], dtype=torch.float64).mean(0).tolist()
+        rows.append(row)
+    return rows
 
 
 def report(args: argparse.Namespace) -> None:
@@ -378,16 +406,20 @@ def report(args: argparse.Namespace) -> None:
     from lightning_dp.tuning import advise_batch_size, plot_advice
 
     out = Path(args.out)
-    rows = list(_done(out / "results.jsonl").values())
+    runs = list(_done(out / "results.jsonl").values())
+    rows = _average_seeds(runs)
     grid = [r for r in rows if r.get("stage") == "grid"]
     methods = [r for r in rows if r.get("stage") == "methods"]
     baselines = [r for r in rows if r.get("stage") == "baselines"]
     names = ImageDataModule(dataset="imagefolder", data_dir=args.data, classes=list(args.private_classes)).class_names
     lines = ["# Study results", ""]
-    total_cpu = sum(r.get("cpu_seconds", 0.0) for r in rows)
-    total_wall = sum(r.get("seconds", 0.0) for r in rows)
-    lines.append(f"{len(rows)} runs, {total_cpu / 60:.1f} CPU-minutes in the runs, {total_wall / 60:.1f} minutes of"
-                 " run time (summed over runs; parallel jobs overlap).")  # fmt: skip
+    trained = [r for r in runs if "reused_from" not in r]
+    total_cpu = sum(r.get("cpu_seconds", 0.0) for r in trained)
+    total_wall = sum(r.get("seconds", 0.0) for r in trained)
+    lines.append(
+        f"{len(trained)} trainings, {total_cpu / 60:.1f} CPU-minutes in the runs, {total_wall / 60:.1f} minutes of"
+        " run time (summed over runs; parallel jobs overlap)."
+    )
     pre = [r for r in rows if r.get("stage") == "pretrain"]
     if pre:
         lines.append(f"Public pretraining: test accuracy {pre[0]['accuracy']:.3f} on the public classes"
@@ -404,10 +436,12 @@ def report(args: argparse.Namespace) -> None:
         heatmaps(hm, clips, batches, out / "heatmap.png")
         _per_class_plot(grid, names, out / "per_class.png")
         lines += ["", "## Grid: full fine-tuning over (ε, B, C)", ""]
-        table = [[r["epsilon"], r["batch"], r["clip"], r["accuracy"], r["noise_multiplier"], r["steps"],
-                  r["cumulative_noise"], r["effective_noise"], r["epsilon_spent"]]
+        table = [[f"{r['epsilon']:g}", r["batch"], f"{r['clip']:g}", r["accuracy"], r["accuracy_std"], r["seeds"],
+                  r["noise_multiplier"], r["steps"], r["cumulative_noise"], f"{r['effective_noise']:.2e}",
+                  r["epsilon_spent"]]
                  for r in sorted(grid, key=lambda r: (r["epsilon"], r["batch"], r["clip"]))]  # fmt: skip
-        lines.append(_md_table(["ε", "B", "C", "acc", "σ", "T", "σ√T", "σC/B", "ε spent"], table))
+        header = ["ε", "B", "C", "acc", "± (std)", "seeds", "σ", "T", "σ√T", "σC/B", "ε spent"]
+        lines.append(_md_table(header, table))
         advices = []
         lines += ["", "## Which batch size wins, and what σ√T advises", ""]
         for eps in sorted({r["epsilon"] for r in grid}):
@@ -431,10 +465,11 @@ def report(args: argparse.Namespace) -> None:
             _methods_plot(methods, baselines, out / "methods.png")
         lines += ["", "## Methods and baselines", ""]
         table = [[r["method"] + ("" if r["pretrained"] else " (scratch)"),
-                  "non-private" if r["epsilon"] is None else f"{r['epsilon']:g}", r["batch"], r["clip"],
-                  r["accuracy"], r.get("epsilon_spent", "-"), r["cpu_seconds"]]
+                  "non-private" if r["epsilon"] is None else f"{r['epsilon']:g}", r["batch"],
+                  "-" if r["epsilon"] is None else f"{r['clip']:g}", r["accuracy"], r["accuracy_std"], r["seeds"],
+                  r.get("epsilon_spent", "-"), r["cpu_seconds"]]
                  for r in methods + baselines]  # fmt: skip
-        lines.append(_md_table(["method", "ε", "B", "C", "acc", "ε spent", "CPU s"], table))
+        lines.append(_md_table(["method", "ε", "B", "C", "acc", "± (std)", "seeds", "ε spent", "CPU s"], table))
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -462,19 +497,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3, help="the fixed epoch budget of every private run")
     p.add_argument("--epsilon", type=float, nargs="+", default=[1.0, 8.0])
     p.add_argument("--batch", type=int, nargs="+", default=[128, 512, 2048])
-    p.add_argument("--clip", type=float, nargs="+", default=[0.1, 1.0, 10.0])
+    p.add_argument("--clip", type=float, nargs="+", default=[1.0, 5.0, 25.0])
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate at B=256, scaled with √(B/256)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--methods-epsilon", type=float, nargs="+", default=[1.0, 8.0])
+    p.add_argument("--methods-epsilon", type=float, nargs="+", default=[1.0])
     p.add_argument("--methods-batch", type=int, default=512)
-    p.add_argument("--methods-clip", type=float, default=1.0)
+    p.add_argument("--methods-clip", type=float, default=5.0)
     p.add_argument("--probe-fraction", type=float, default=0.5, help="LP-FT: share of steps spent probing")
     p.add_argument("--keep-fraction", type=float, default=0.2, help="SPARTA: share of rows kept per tensor")
     p.add_argument("--min-steps", type=int, default=20, help="advisor: minimum number of steps")
     p.add_argument("--physical-batch", type=int, default=256)
     p.add_argument("--jobs", type=int, default=1, help="trainings run at once (each on one thread)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="training seed (repeat a stage with others: the report averages)"
+    )
+    p.add_argument("--subset-seed", type=int, default=0, help="seed of the private training subset")
     return p.parse_args(argv)
 
 

@@ -170,7 +170,9 @@ class TransferModule(L.LightningModule):
         model_name: any timm model name.
         pretrained: load timm's pretrained weights (needs the internet the first time).
         checkpoint: a local checkpoint to start from instead (see :func:`load_checkpoint_weights`): a timm state dict
-            or safetensors file, or a Lightning checkpoint of this module (e.g. from public pretraining).
+            or safetensors file, or a Lightning checkpoint of this module (e.g. from public pretraining). It is read
+            when the module is built, also by ``load_from_checkpoint`` (pass ``checkpoint=None`` there if the file
+            is gone: the trained weights come from the loaded checkpoint anyway).
         reset_head: with ``checkpoint``, re-initialise the classifier for the new task (default) rather than load it.
         num_classes: classes of the target task (under the CLI: linked to ``data.num_classes``).
         img_size: input resolution given to timm (under the CLI: linked to ``data.img_size``).
