@@ -389,11 +389,19 @@ def _average_seeds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["accuracy"] = acc.mean().item()
         row["accuracy_std"] = acc.std().item() if len(group) > 1 else 0.0
         row["seeds"] = len(group)
+        for key in ("cpu_seconds", "seconds"):
+            if key in row:
+                row[key] = sum(r.get(key, 0.0) for r in group) / len(group)
         for key in ("per_class", "retained_weight"):
             if row.get(key) is not None:
                 row[key] = torch.tensor([r[key] for r in group], dtype=torch.float64).mean(0).tolist()
         rows.append(row)
     return rows
+
+
+def _std(row: dict[str, Any]) -> float | str:
+    """The seed standard deviation of a row's accuracy, "-" for one seed."""
+    return row["accuracy_std"] if row["seeds"] > 1 else "-"
 
 
 def report(args: argparse.Namespace) -> None:
@@ -413,7 +421,9 @@ def report(args: argparse.Namespace) -> None:
     baselines = [r for r in rows if r.get("stage") == "baselines"]
     names = ImageDataModule(dataset="imagefolder", data_dir=args.data, classes=list(args.private_classes)).class_names
     lines = ["# Study results", ""]
-    trained = [r for r in runs if "reused_from" not in r]
+    # one row per training: a run reused by another stage has the same run keys (older results lack "reused_from")
+    trained = list({(r["stage"],) if r["stage"] == "pretrain" else tuple(r.get(k) for k in _RUN_KEYS): r
+                    for r in runs}.values())  # fmt: skip
     total_cpu = sum(r.get("cpu_seconds", 0.0) for r in trained)
     total_wall = sum(r.get("seconds", 0.0) for r in trained)
     lines.append(
@@ -436,8 +446,8 @@ def report(args: argparse.Namespace) -> None:
         heatmaps(hm, clips, batches, out / "heatmap.png")
         _per_class_plot(grid, names, out / "per_class.png")
         lines += ["", "## Grid: full fine-tuning over (ε, B, C)", ""]
-        table = [[f"{r['epsilon']:g}", r["batch"], f"{r['clip']:g}", r["accuracy"], r["accuracy_std"], r["seeds"],
-                  r["noise_multiplier"], r["steps"], r["cumulative_noise"], f"{r['effective_noise']:.2e}",
+        table = [[f"{r['epsilon']:g}", r["batch"], f"{r['clip']:g}", r["accuracy"], _std(r),
+                  r["seeds"], r["noise_multiplier"], r["steps"], r["cumulative_noise"], f"{r['effective_noise']:.2e}",
                   r["epsilon_spent"]]
                  for r in sorted(grid, key=lambda r: (r["epsilon"], r["batch"], r["clip"]))]  # fmt: skip
         header = ["ε", "B", "C", "acc", "± (std)", "seeds", "σ", "T", "σ√T", "σC/B", "ε spent"]
@@ -466,10 +476,10 @@ def report(args: argparse.Namespace) -> None:
         lines += ["", "## Methods and baselines", ""]
         table = [[r["method"] + ("" if r["pretrained"] else " (scratch)"),
                   "non-private" if r["epsilon"] is None else f"{r['epsilon']:g}", r["batch"],
-                  "-" if r["epsilon"] is None else f"{r['clip']:g}", r["accuracy"], r["accuracy_std"], r["seeds"],
+                  "-" if r["epsilon"] is None else f"{r['clip']:g}", r["accuracy"], _std(r), r["seeds"],
                   r.get("epsilon_spent", "-"), r["cpu_seconds"]]
                  for r in methods + baselines]  # fmt: skip
-        lines.append(_md_table(["method", "ε", "B", "C", "acc", "± (std)", "seeds", "ε spent", "CPU s"], table))
+        lines.append(_md_table(["method", "ε", "B", "C", "acc", "± (std)", "seeds", "ε spent", "CPU s (mean)"], table))
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
