@@ -260,14 +260,21 @@ def _append(path: Path, row: dict[str, Any]) -> None:
 
 
 def _worker(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
+    """One run, quiet (a worker process, or in-process without a pool: the logging and warning state is restored)."""
+    import logging
     import warnings
 
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    return run_point(args, spec)
+    loggers = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            return run_point(args, spec)
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def run_stage(args: argparse.Namespace, stage: str, pool: ProcessPoolExecutor | None = None) -> None:

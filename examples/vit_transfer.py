@@ -49,7 +49,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_dp import DPStrategy  # noqa: F401  (importable as a class_path in configs)
+from lightning_dp import DPStrategy  # also importable as a class_path in configs
+from lightning_dp.callbacks import PrivacySummary
+from lightning_dp.console import quiet_lightning
 from lightning_dp.finetune import LinearProbeThenFineTune, SparseFineTuning, select_parameters
 
 # ---------------------------------------------------------------------------------------------------- weights
@@ -486,16 +488,27 @@ class ImageDataModule(L.LightningDataModule):
 
 
 class TransferCLI(LightningCLI):
-    """LightningCLI with ``num_classes`` and ``img_size`` set once, on the data, and linked to the model."""
+    """LightningCLI with ``num_classes`` and ``img_size`` set once, on the data, and linked to the model; a private
+    run (``DPStrategy``) ends with the ``PrivacySummary`` table unless the config already adds one.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.img_size", "model.img_size")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
+    def before_fit(self) -> None:
+        trainer = self.trainer
+        private = isinstance(trainer.strategy, DPStrategy)
+        if private and not any(isinstance(cb, PrivacySummary) for cb in trainer.callbacks):
+            trainer.callbacks.append(PrivacySummary())
+
 
 def main(args: list[str] | None = None) -> TransferCLI:
-    """Run the CLI (``args``: instead of ``sys.argv``, e.g. from tests)."""
-    return TransferCLI(TransferModule, ImageDataModule, save_config_kwargs={"overwrite": True}, args=args)
+    """Run the CLI (``args``: instead of ``sys.argv``, e.g. from tests). The progress bar shows ``dp/epsilon``;
+    Lightning's banners and tips are hidden (:func:`lightning_dp.console.quiet_lightning`), lightning_dp's notes stay.
+    """
+    with quiet_lightning():  # the CLI runs its subcommand while it is built; the filters go when it returns
+        return TransferCLI(TransferModule, ImageDataModule, save_config_kwargs={"overwrite": True}, args=args)
 
 
 if __name__ == "__main__":

@@ -95,12 +95,13 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         sampling_seed: fix the sampling randomness (reproducible tests only: the guarantee then rests on the seed
             staying secret; a warning says so). Default: fresh OS entropy per fit.
         noise_seed: fix the noise randomness (reproducible tests only, as ``sampling_seed``).
-        secure_mode: draw noise and sampling from the OS's cryptographically secure generator (slower: see "What
-            the guarantee covers" in the docs).
+        secure_mode: draw noise and sampling from a cryptographic keystream (SHAKE-256 keyed by 256 bits of OS
+            entropy per fit) instead of torch's generators (slower: see "What the guarantee covers" in the docs).
         engine: the per-sample clipping engine, a name in ``lightning_dp.engine.ENGINES``: ``"ghost"`` (default:
             book-keeping with ghost norms) or ``"hooks"`` (materialises per-sample gradients, like Opacus hooks).
-        clipping: ``"flat"``, ``"normalized"`` or ``"automatic"``; see :mod:`lightning_dp.clipping`. The noise is
-            σ × the rule's sensitivity, so the accounting is the same.
+        clipping: ``"flat"``, ``"normalized"``, ``"automatic"`` or ``"per_layer"`` (each layer's parameters
+            clipped to C/√L, in backward: fastest); see :mod:`lightning_dp.clipping`. The noise is σ × the rule's
+            sensitivity, so the accounting is the same.
         check_sample_mixing: at the first step (and whenever the trainable set changes) check that no example's
             gradient depends on another example's input; a mixing forward is an error.
         nonfinite: ``"skip"``: an example whose per-sample gradient is NaN/inf contributes zero (the bound still

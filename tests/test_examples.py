@@ -69,6 +69,8 @@ def test_cli_example_runs_one_tiny_epoch_offline(tmp_path):
         tmp_path,
     )  # fmt: skip
     assert "LP-FT: fine-tuning from step" in out
+    assert out.count("lightning_dp: privacy summary") == 1, "a private run ends with the summary table"
+    assert "GPU available" not in out and "💡" not in out, "framework chatter is hidden"
     events = list((tmp_path / "runs/tiny").rglob("events.out.tfevents.*"))
     assert events, "TensorBoard logs were written"
 
