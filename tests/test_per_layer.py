@@ -181,3 +181,20 @@ def test_noise_std_is_sigma_c_over_b_through_a_trainer():
     delta = net[1].weight.detach() - before  # zero inputs: the update is the noise alone
     assert delta.std().item() == pytest.approx(sigma * c / b, rel=0.1)
     assert s.ledger.segments[0].noise_multiplier == sigma
+
+
+def test_hooks_per_sample_gradients_refused_once_layers_are_clipped_in_backward():
+    torch.manual_seed(0)
+    model = make_vit().eval()
+    engine = ENGINES["hooks"](model)
+    engine.attach()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,))
+    with engine.capture(4):  # the checked micro-batch keeps everything
+        nn.functional.cross_entropy(model(x), y).backward()
+    assert set(engine.per_sample_gradients()) == set(engine.params)
+    engine.clip_and_accumulate(1.0, "per_layer")
+    with engine.capture(4):  # from now on layers are clipped and freed in backward: no partial answer
+        nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="per-layer clipping"):
+        engine.per_sample_gradients()
+    engine.clip_and_accumulate(1.0, "per_layer")

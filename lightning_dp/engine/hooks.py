@@ -122,7 +122,16 @@ class HookEngine(ClippingEngine):
         """The captured per-sample gradients of the last micro-batch, shape ``(b, *p.shape)``, fp32, before
         clipping and masks (parameters the micro-batch did not touch are absent). Valid until
         :meth:`clip_and_accumulate`.
+
+        Raises:
+            RuntimeError: under per-layer clipping in backward (the layers' per-sample gradients are already freed).
         """
+        if self._inline_c is not None:
+            raise RuntimeError(
+                "HookEngine.per_sample_gradients: under per-layer clipping the layers were clipped inside the backward"
+                " pass and their per-sample gradients freed; read them with clipping='flat' (or on the checked first"
+                " micro-batch)."
+            )
         scale = self._scale()
         out: dict[nn.Parameter, Tensor] = {}
         # _gather empties the groups handed over in backward and merging mutates groups: gather fresh copies
