@@ -92,9 +92,7 @@ class TorchSource:
     def normal(self, shape: tuple[int, ...], std: float, device: torch.device, dtype: torch.dtype) -> Tensor:
         """See :class:`RandomSource`."""
         gen = self._generator(device)
-        # In place into an empty tensor: on CPU the vectorised sampler of `normal_` is 2-3x faster than
-        # `torch.normal(..., size=...)` (14 against 37 ms for 2.8M values on one thread); same distribution.
-        return torch.empty(tuple(shape), device=device, dtype=dtype).normal_(0.0, float(std), generator=gen)
+        return torch.normal(0.0, float(std), size=tuple(shape), device=device, dtype=dtype, generator=gen)
 
     def uniform(self, n: int) -> Tensor:
         """See :class:`RandomSource`."""
