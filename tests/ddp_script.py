@@ -50,12 +50,15 @@ def main():
         ds = TensorDataset(torch.zeros(400, 50), torch.randint(0, 40, (400,)))
         strategy = DPStrategy(noise_multiplier=2.0, max_grad_norm=1.5)
         global_batch, max_steps = 20, 1
-    elif mode == "exact":  # q = 1 and negligible noise: the update is deterministic
+    elif mode in ("exact", "exact_per_layer"):  # q = 1 and negligible noise: the update is deterministic
         net = mlp()
         model = ClassifierModule(net, lr=0.1)
         ds = tensor_data(n=40)
         physical = 3
-        strategy = DPStrategy(noise_multiplier=1e-7, max_grad_norm=0.5, max_physical_batch_size=physical)
+        clipping = "per_layer" if mode == "exact_per_layer" else "flat"
+        strategy = DPStrategy(
+            noise_multiplier=1e-7, max_grad_norm=0.5, max_physical_batch_size=physical, clipping=clipping
+        )
         global_batch, max_steps = 40, 3
     else:  # "train" / "resume": Poisson batches, uneven micro-batch counts across ranks, Adam
         net = mlp()

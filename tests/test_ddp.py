@@ -13,7 +13,8 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_script.py")
 
 
 def run(tmp_path, mode, devices, ckpt=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": root}
     env.pop("LOCAL_RANK", None)
     args = [sys.executable, SCRIPT, str(tmp_path), mode, str(devices)] + ([str(ckpt)] if ckpt else [])
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
@@ -31,9 +32,11 @@ def test_noise_std_is_sigma_c_over_b_with_two_ranks(tmp_path):
     assert torch.equal(ranks[0]["after"][0], ranks[1]["after"][0])
 
 
-def test_two_ranks_equal_one_process_without_noise(tmp_path):
-    two = run(tmp_path, "exact", 2)
-    one = run(tmp_path, "exact", 1)[0]
+@pytest.mark.parametrize("mode", ["exact", "exact_per_layer"])
+def test_two_ranks_equal_one_process_without_noise(tmp_path, mode):
+    """Flat and per-layer clipping (clipped inside backward from the second micro-batch on) under DDP."""
+    two = run(tmp_path, mode, 2)
+    one = run(tmp_path, mode, 1)[0]
     assert sum(two[0]["sizes"]) + sum(two[1]["sizes"]) == 3 * 40  # q = 1: the whole set every step, split by rank
     for p2, p1, p0 in zip(two[0]["after"], one["after"], one["before"]):
         assert not torch.allclose(p1, p0)
