@@ -198,3 +198,31 @@ def test_hooks_per_sample_gradients_refused_once_layers_are_clipped_in_backward(
     with pytest.raises(RuntimeError, match="per-layer clipping"):
         engine.per_sample_gradients()
     engine.clip_and_accumulate(1.0, "per_layer")
+
+
+@pytest.mark.parametrize("engine_name", ["hooks", "ghost"])
+def test_gradient_masks_apply_before_per_layer_norms_in_backward(engine_name):
+    """Sparse fine-tuning's masks restrict each example's gradient before its group's norm, also when the group is
+    clipped inside the backward pass."""
+    torch.manual_seed(0)
+    model = make_vit().eval()
+    x, y = torch.randn(5, 3, 16, 16), torch.randint(0, 3, (5,))
+    ref = brute_force_grads(model, x, y)
+    weights = [p for p in model.parameters() if p.dim() == 2][:3]
+    masks = {p: (torch.rand(p.shape[0], 1) < 0.5).float() for p in weights}
+    ref = {p: g * masks[p] if p in masks else g for p, g in ref.items()}
+    engine = ENGINES[engine_name](model)
+    engine.set_grad_masks(masks)
+    groups = _groups(engine, model)
+    flat = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in ref.values()))
+    c = float(flat.median())
+    expected, _ = _per_layer_reference(ref, groups, c)
+    engine.attach()
+    for _ in range(2):  # the checked micro-batch, then clipping in backward
+        with engine.capture(x.shape[0]):
+            nn.functional.cross_entropy(model(x), y).backward()
+        norms = engine.clip_and_accumulate(c, "per_layer")
+        assert _rel_err(norms, flat) < 1e-4
+        summed = engine.pop_summed()
+        for p, e in expected.items():
+            assert _rel_err(summed[p], e) < 1e-4
