@@ -14,7 +14,7 @@ own way of computing per-sample gradients from the recorded calls (:func:`regist
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,23 +155,20 @@ def _rnn_batch_dims(
     tensors = [x for x in inputs if isinstance(x, Tensor)]
     if not tensors or tensors[0].dim() != 3 or tensors[0].shape[seq_dim] != b:
         return None
-    in_dims: list[int | None] = []
+    return _rnn_dims(inputs, seq_dim), _rnn_dims(outputs, seq_dim)
+
+
+def _rnn_dims(values: Sequence[Any], seq_dim: int) -> list[int | None]:
+    """The batch dimension of each value of an RNN call: the sequence's (first tensor), then 1 for hidden states."""
+    dims: list[int | None] = []
     first = True
-    for x in inputs:
-        if isinstance(x, Tensor):
-            in_dims.append(seq_dim if first else 1)
+    for v in values:
+        if isinstance(v, Tensor):
+            dims.append(seq_dim if first else 1)
             first = False
         else:
-            in_dims.append(None)
-    out_dims: list[int | None] = []
-    first = True
-    for y in outputs:
-        if isinstance(y, Tensor):
-            out_dims.append(seq_dim if first else 1)
-            first = False
-        else:
-            out_dims.append(None)
-    return in_dims, out_dims
+            dims.append(None)
+    return dims
 
 
 @dataclass
