@@ -11,6 +11,7 @@ from test_fallback import ConvZoo, FoldNet
 from test_ghost_engine import EmbedNet, Reused, SeqNet, Tied
 from torch import nn
 from torch.utils.data import TensorDataset
+from zoo_check import group_clipped_sum
 
 from lightning_dp import DPStrategy
 from lightning_dp.clipping import CLIPPING_MODES, per_layer_bound, sensitivity
@@ -29,13 +30,7 @@ def _groups(engine, model):
 
 def _per_layer_reference(ref, groups, c):
     """Brute-force per-layer clipping: per group, factors min(1, C_l/‖g_i^l‖); the flat norms."""
-    bound = c / math.sqrt(len(groups))
-    expected = {}
-    for group in groups:
-        norms = torch.sqrt(sum(ref[p].flatten(1).pow(2).sum(1) for p in group))
-        factors = (bound / (norms + 1e-6)).clamp(max=1.0)
-        for p in group:
-            expected[p] = torch.einsum("i,i...->...", factors, ref[p])
+    expected = group_clipped_sum(ref, groups, c / math.sqrt(len(groups)))
     flat = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in ref.values()))
     return expected, flat
 

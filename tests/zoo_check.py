@@ -37,7 +37,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / (b.norm() + 1e-300))
 
 
-def _expected_sum(
+def group_clipped_sum(
     ref: dict[nn.Parameter, torch.Tensor], groups: list[list[nn.Parameter]], bound: float
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Σ_i min(1, bound/‖g_i^G‖)·g_i per parameter, ``‖g_i^G‖`` the norm over the parameter's group."""
@@ -69,9 +69,9 @@ def compare(
     if clipping == "per_layer":
         by_name = dict(model.named_parameters())
         groups = [[by_name[n] for n in names] for names in engine.clipping_groups]
-        expected = _expected_sum(ref, groups, c / len(groups) ** 0.5)
+        expected = group_clipped_sum(ref, groups, c / len(groups) ** 0.5)
     else:
-        expected = _expected_sum(ref, [list(ref)], c)
+        expected = group_clipped_sum(ref, [list(ref)], c)
     engine.attach()
     worst = Comparison(float("nan") if engine_name != "hooks" else 0.0, 0.0, 0.0)
     try:
@@ -96,4 +96,4 @@ def compare(
     return worst
 
 
-__all__ = ["Comparison", "brute_force", "compare"]
+__all__ = ["Comparison", "brute_force", "compare", "group_clipped_sum"]
