@@ -155,6 +155,26 @@ def _migrate_v1(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _refuse_repeated_evaluations(released: int, updates: int, context: str) -> None:
+    """A ledger holding k releases per optimizer update was written by a run whose closure ran k times per batch.
+
+    Raises:
+        ResumeError: explaining why its ε is wrong and what to do.
+    """
+    if updates <= 0 or released <= updates or released % updates:
+        return
+    k = released // updates
+    raise ResumeError(
+        f"The privacy state of {context} records {released} private releases for {updates} optimizer steps: its"
+        f" closure was evaluated {k} times per sampled batch (SAM, or an optimizer_step that calls the closure twice),"
+        " by a version of lightning_dp that allowed it. Each evaluation was accounted as its own Poisson-sampled step,"
+        f" but they share one sample: the truth is one subsampled Gaussian mechanism with σ/√{k} per step, so the ε"
+        " recorded is too small. This run cannot be continued: start a new run from pretrained weights with an"
+        " optimizer that evaluates the closure once (see 'Sharpness-aware minimisation' in the docs for DP-SAT), and"
+        " do not report the recorded ε of this checkpoint."
+    )
+
+
 def restore_run(
     state: dict[str, Any],
     checkpoint: dict[str, Any] | None,
@@ -187,6 +207,7 @@ def restore_run(
         raise ResumeError(f"The privacy state of {context} is malformed ({err!r}); it cannot be resumed.") from err
     offset = int((run or {}).get("step_offset") or 0)
     if checkpoint is not None and "global_step" in checkpoint and int(checkpoint["global_step"]) + offset != released:
+        _refuse_repeated_evaluations(released, int(checkpoint["global_step"]) + offset, context)
         raise ResumeError(
             f"The privacy state of {context} records {released} private steps but the checkpoint's progress is"
             f" global_step={checkpoint['global_step']}: ledger and checkpoint disagree (an edited or mixed-up"

@@ -1,20 +1,37 @@
-"""Detecting a forward pass (or loss) that mixes examples, before the first private step releases anything.
+"""The sample-mixing probe: a check that no example's gradient depends on another example.
 
-Per-sample clipping bounds one example's influence only if example i's loss depends on example i's input alone.
-A forward that mixes examples (``x - x.mean(0)``, ``h + h.mean(0)``, batch statistics, attention across the
-batch) lets one example move every other example's gradient, and the clipped sum by far more than C. Hooks cannot
-see that. The probe runs the user's ``training_step`` on a few examples of the batch twice — once as they are, once
-with only example 0 altered — under identical randomness, and compares the other examples' per-sample gradient
-norms. Any change means examples mix; the error then names the first module whose other rows changed.
+Per-sample clipping bounds one example's influence only if example i's clipped gradient depends on example i alone.
+Hooks cannot see a pipeline that mixes examples: a forward with batch statistics (``x - x.mean(0)``), a loss
+normalised over the batch by label-dependent weights (``cross_entropy(..., weight=w)`` with the default mean), a
+``collate_fn`` that mixes (MixUp/CutMix) or pads to the longest item, a loss over pairs of examples.
 
-The probe costs two small forward/backward passes at the first step (and after the trainable set changes). It
-runs with logging suppressed and restores every RNG state, so the step it precedes is unchanged.
+The probe works on the **raw dataset items, before collation**: it draws ``m`` items at random from the whole
+training set (not from the step's batch: Poisson batches come in index order, and a class-ordered dataset such as
+``ImageFolder`` would hand it examples of one class), collates them with the training loader's own ``collate_fn``,
+and collates them again with one item, chosen at random, replaced by an item from outside the probed set (one whose
+label differs where the items carry one). Both batches go through the user's ``training_step`` and backward under
+identical randomness (the same dropout masks, the same MixUp draw); if the per-sample gradient norm of any *other*
+example moves, examples are mixed and the run stops with an error that names the first module whose outputs for
+the other examples changed (or the loss, or the collate function). Buffers declared public must come out of both
+passes equal (they may not depend on the examples).
+
+It runs at the first step of every fit, after every change of the trainable set, and again at random later steps (a
+pipeline may switch MixUp on after a warm-up), at a rate set after the first step so that probing costs at most
+``budget`` (2 % by default) of the run's time. It restores every RNG state and buffer it touches, releases nothing,
+and its outcome (error or not) is a property of the pipeline, not of one example.
+
+What it cannot see (also in the docs' guarantee page): mixing that needs more than ``m`` items to show, or that only
+the step's actual batch composition triggers (e.g. a forward that mixes only batches larger than ``m``); a
+``training_step`` that behaves differently on the probe's call than on the real one; changes made outside
+``training_step`` (in hooks after the update).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,14 +39,19 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import Tensor, nn
 
 from lightning_dp.errors import DPMisconfigurationError
+from lightning_dp.randomness import RandomSource
 from lightning_dp.sampling import batch_size_of, slice_batch
 
-#: how many examples of the batch the probe uses
-PROBE_EXAMPLES = 4
+#: how many raw items the probe collates
+PROBE_EXAMPLES = 8
+#: the share of the run's time the probe may take by default
+DEFAULT_PROBE_BUDGET = 0.02
+#: how many items outside the probed set are tried to find a replacement with another label
+_REPLACEMENT_TRIES = 8
 
 
 class SampleMixingError(DPMisconfigurationError):
-    """The forward pass or the loss makes one example's gradient depend on other examples."""
+    """The forward pass, the loss or the collate function makes one example's gradient depend on other examples."""
 
 
 def alter_first_example(batch: Any, size: int) -> Any:
@@ -64,6 +86,7 @@ def alter_first_example(batch: Any, size: int) -> Any:
     return batch
 
 
+# ---------------------------------------------------------------------------------------------- comparing two passes
 @contextmanager
 def _recording_outputs(model: nn.Module, size: int, into: list[tuple[str, Tensor]]) -> Iterator[None]:
     names = {m: n for n, m in model.named_modules()}
@@ -80,11 +103,113 @@ def _recording_outputs(model: nn.Module, size: int, into: list[tuple[str, Tensor
             h.remove()
 
 
+@contextmanager
+def _buffers_restored(model: nn.Module) -> Iterator[None]:
+    """Run the block and put every buffer back as it was (the probe must leave no trace in the model)."""
+    saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name in saved and buf.shape == saved[name].shape:
+                    buf.copy_(saved[name])
+
+
 def _differ(a: Tensor, b: Tensor, rtol: float) -> bool:
     if a.shape != b.shape:
         return True
-    scale = float(torch.maximum(a.abs().max(), b.abs().max())) if a.numel() else 0.0
-    return bool((a - b).abs().max() > rtol * scale + 1e-6) if a.numel() else False
+    if not a.numel():
+        return False
+    scale = float(torch.maximum(a.abs().max(), b.abs().max()))
+    return bool((a - b).abs().max() > rtol * scale + 1e-6)
+
+
+def _others(values: Tensor, changed: int) -> Tensor:
+    keep = torch.ones(values.shape[0], dtype=torch.bool)
+    keep[changed] = False
+    return values[keep.to(values.device)]
+
+
+def compare_passes(
+    model: nn.Module,
+    per_sample_norms: Callable[[Any, int], Tensor],
+    make_batches: Sequence[Callable[[], Any]],
+    size: int,
+    changed: int,
+    public_buffers: Sequence[str] = (),
+    rtol: float = 1e-3,
+) -> None:
+    """Run the user's step on two batches that differ in example ``changed`` only; the others must not move.
+
+    Each batch is made (collated) and run under the same RNG state, with every buffer restored afterwards.
+
+    Args:
+        model: the LightningModule (its modules are watched to locate the mixing).
+        per_sample_norms: runs the user's step on a batch of the given size (forward, loss, backward) and returns
+            its per-sample gradient norms, accumulating nothing.
+        make_batches: two callables returning the batches (called after the RNG state is set).
+        size: their number of examples.
+        changed: the index of the example that differs.
+        public_buffers: buffers that may change in ``training_step`` but must not depend on the examples.
+        rtol: relative tolerance for "unchanged".
+
+    Raises:
+        SampleMixingError: naming where the examples mix.
+    """
+    states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+    outputs: list[list[tuple[str, Tensor]]] = [[], []]
+    norms: list[Tensor] = []
+    buffers: list[dict[str, Tensor]] = []
+    sizes: list[int] = []
+    try:
+        for i, make in enumerate(make_batches):
+            _set_rng_states(states)  # the same dropout masks, augmentations, MixUp draws ... in both passes
+            with _buffers_restored(model):
+                batch = make()
+                sizes.append(batch_size_of(batch))
+                if sizes[-1] != size:
+                    break
+                with _recording_outputs(model, size, outputs[i]):
+                    norms.append(per_sample_norms(batch, size).detach().float().cpu())
+                named = dict(model.named_buffers())
+                buffers.append({n: named[n].detach().float().clone() for n in public_buffers if n in named})
+    finally:
+        _set_rng_states(states)
+    if any(s != size for s in sizes):
+        raise SampleMixingError(
+            f"The training dataloader's collate_fn turned {size} dataset items into a batch of {sizes[-1]} examples."
+            " DP-SGD needs one example per dataset item (each item's gradient is clipped on its own). Make the"
+            " collate function stack the items it is given, no more and no fewer."
+        )
+    for name in public_buffers:
+        if name in buffers[0] and _differ(buffers[0][name], buffers[1][name], rtol):
+            raise SampleMixingError(
+                f"Buffer '{name}' is declared public (DPStrategy(public_buffers=...)) but its update in training_step"
+                " depends on the examples: changing one example changed it. A public buffer may depend on the"
+                " parameters and the step count only. Declare it in nonprivate_buffers (it is then reported as"
+                " outside the guarantee) or stop updating it from the batch."
+            )
+    if not _differ(_others(norms[0], changed), _others(norms[1], changed), rtol):
+        return
+    where = (
+        "in the loss computed by training_step, or in the collate_fn (no module's output for the other examples"
+        " changed before the loss)"
+    )
+    for (name, a), (_, b) in zip(*outputs):
+        if _differ(_others(a, changed), _others(b, changed), rtol):
+            where = f"first visible at the output of module '{name or '<root>'}'"
+            break
+    raise SampleMixingError(
+        "Examples are mixed: replacing one example changed the per-sample gradients of the others"
+        f" ({where}). Per-sample clipping then no longer bounds one example's influence, and the DP guarantee does"
+        " not hold. Common causes: a loss normalised over the batch with label-dependent weights"
+        " (cross_entropy(weight=...) with reduction='mean': use reduction='none', multiply by the weights and take"
+        " .mean()), MixUp/CutMix (in the model or in collate_fn), padding every item to the batch's longest,"
+        " normalising with batch statistics (x - x.mean(0), BatchNorm in train mode), attention or pooling across"
+        " the batch dimension, a loss over pairs of examples. Make each example's loss depend on that example only."
+        " If you are certain the mixing is harmless, pass DPStrategy(check_sample_mixing=False)."
+    )
 
 
 def find_sample_mixing(
@@ -94,47 +219,154 @@ def find_sample_mixing(
     size: int,
     rtol: float = 1e-3,
 ) -> None:
-    """Raise :class:`SampleMixingError` if changing example 0 changes any other example's per-sample gradient.
+    """Raise :class:`SampleMixingError` if changing example 0 of an already collated ``batch`` changes any other
+    example's per-sample gradient (the collated-batch check; :func:`probe_items` also covers ``collate_fn``).
 
     Args:
-        model: the LightningModule (its modules are watched to locate the mixing).
-        per_sample_norms: runs the user's step on a batch of the given size (forward, loss, backward) and returns
-            its per-sample gradient norms, accumulating nothing.
-        batch: the logical or micro-batch to take the probe examples from.
+        model: the LightningModule.
+        per_sample_norms: see :func:`compare_passes`.
+        batch: the batch to take the probe examples from.
         size: its number of examples (≥ 2).
         rtol: relative tolerance for "unchanged".
 
     Raises:
-        SampleMixingError: naming the first module whose other examples' outputs changed (or the loss).
+        SampleMixingError: see :func:`compare_passes`.
     """
     m = min(size, PROBE_EXAMPLES)
     probe = slice_batch(batch, slice(0, m), size)
     altered = alter_first_example(probe, m)
+    compare_passes(model, per_sample_norms, (lambda: probe, lambda: altered), m, 0, rtol=rtol)
+
+
+# ---------------------------------------------------------------------------------------------- raw items
+def _discrete_leaves(item: Any) -> list[Any]:
+    """The labels, tokens, ids ... of a raw item: its ints, strings and non-floating tensors."""
+    if isinstance(item, Tensor):
+        return [] if item.is_floating_point() or item.is_complex() else [item]
+    if isinstance(item, (bool, int, str)):
+        return [item]
+    if isinstance(item, dict):
+        return [x for v in item.values() for x in _discrete_leaves(v)]
+    if isinstance(item, (list, tuple)):
+        return [x for v in item for x in _discrete_leaves(v)]
+    return []
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _differs_in_labels(a: Any, b: Any) -> bool:
+    la, lb = _discrete_leaves(a), _discrete_leaves(b)
+    return len(la) != len(lb) or not all(_same(x, y) for x, y in zip(la, lb))
+
+
+@dataclass
+class ProbeItems:
+    """The raw dataset items and the training loader's ``collate_fn``: what the probe re-collates.
+
+    Args:
+        dataset: the training set (map-style: ``len`` and ``[i]``).
+        collate_fn: the training loader's own collate function.
+        num_examples: how many items each probe collates.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset, default_collate
+        >>> items = ProbeItems(TensorDataset(torch.randn(20, 3), torch.arange(20) % 2), default_collate)
+        >>> from lightning_dp.randomness import TorchSource
+        >>> probed, changed, replacement = items.draw(TorchSource(0))
+        >>> len(probed), 0 <= changed < len(probed)
+        (8, True)
+    """
+
+    dataset: Any
+    collate_fn: Callable[[list[Any]], Any]
+    num_examples: int = PROBE_EXAMPLES
+
+    def size(self) -> int:
+        """How many items a probe collates (0 when the dataset is too small to probe)."""
+        m = min(self.num_examples, len(self.dataset) - 1)
+        return m if m >= 2 else 0
+
+    def draw(self, source: RandomSource) -> tuple[list[Any], int, Any]:
+        """Random items from the whole dataset, the index of the one to replace, and its replacement from outside
+        the probed set (one with other labels where the items carry any).
+        """
+        m = self.size()
+        order = source.permutation(len(self.dataset))[: m + _REPLACEMENT_TRIES].tolist()
+        items = [self.dataset[i] for i in order[:m]]
+        changed = min(m - 1, int(float(source.uniform(1)[0]) * m))
+        replacement = None
+        for i in order[m:]:
+            candidate = self.dataset[i]
+            replacement = replacement if replacement is not None else candidate
+            if _differs_in_labels(candidate, items[changed]):
+                replacement = candidate
+                break
+        return items, changed, replacement
+
+
+def probe_items(
+    module: nn.Module,
+    engine: Any,
+    loss_of_batch: Callable[[Any], Tensor],
+    items: ProbeItems,
+    source: RandomSource,
+    public_buffers: Sequence[str] = (),
+) -> bool:
+    """Probe the pipeline on raw items: collate, run the user's step, replace one item, collate and run again.
+
+    Args:
+        module: the LightningModule.
+        engine: the per-sample clipping engine (``capture`` / ``probe_norms``).
+        loss_of_batch: runs the user's ``training_step`` on a batch and returns its loss.
+        items: the raw items and collate function of the training loader.
+        source: the probe's random source for this step.
+        public_buffers: buffers that must not depend on the examples.
+
+    Returns:
+        Whether the check ran (a dataset of fewer than three items cannot be probed).
+
+    Raises:
+        SampleMixingError: see :func:`compare_passes`.
+    """
+    m = items.size()
+    if m == 0:
+        return False
     states = _collect_rng_states(include_cuda=torch.cuda.is_available())
-    outputs: list[list[tuple[str, Tensor]]] = [[], []]
-    norms: list[Tensor] = []
-    try:
-        for i, b in enumerate((probe, altered)):
-            _set_rng_states(states)  # the same dropout masks, augmentations, ... in both passes
-            with _recording_outputs(model, m, outputs[i]):
-                norms.append(per_sample_norms(b, m).detach().float())
+    try:  # loading items may draw augmentations from the global RNG: the step that follows must not see it
+        probed, changed, replacement = items.draw(source)
     finally:
         _set_rng_states(states)
-    if not _differ(norms[0][1:], norms[1][1:], rtol):
-        return
-    where = "in the loss computed by training_step (no module's output mixes them)"
-    for (name, a), (_, b) in zip(*outputs):
-        if _differ(a[1:], b[1:], rtol):
-            where = f"first visible at the output of module '{name or '<root>'}'"
-            break
-    raise SampleMixingError(
-        "Examples are mixed in the forward pass: changing one example changed the per-sample gradients of the others"
-        f" ({where}). Per-sample clipping then no longer bounds one example's influence, and the DP guarantee does"
-        " not hold. Common causes: normalising with batch statistics (x - x.mean(0), BatchNorm in train mode),"
-        " mixup/cutmix, attention or pooling across the batch dimension, a loss over pairs of examples. Make each"
-        " example's loss depend on that example only. If you are certain the mixing is harmless, pass"
-        " DPStrategy(check_sample_mixing=False)."
+    replaced = [*probed[:changed], replacement, *probed[changed + 1 :]]
+
+    def norms_of(batch: Any, size: int) -> Tensor:
+        with _logging_suppressed(module), engine.capture(size):
+            loss_of_batch(batch).backward()
+        return engine.probe_norms()
+
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    makers = (
+        lambda: _to_device(items.collate_fn(list(probed)), device),
+        lambda: _to_device(items.collate_fn(list(replaced)), device),
     )
+    compare_passes(module, norms_of, makers, m, changed, public_buffers)
+    return True
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, (list, tuple)):
+        moved = [_to_device(v, device) for v in batch]
+        if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+            return type(batch)(*moved)
+        return type(batch)(moved)
+    return batch
 
 
 class _logging_suppressed:
@@ -156,32 +388,66 @@ def _no_log(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def probe_training_step(module: nn.Module, engine: Any, loss_of_batch: Callable[[Any], Tensor], batch: Any) -> bool:
-    """Run :func:`find_sample_mixing` on ``batch`` through the user's step, if it holds at least two examples.
+# ---------------------------------------------------------------------------------------------- when to probe
+@dataclass
+class ProbeSchedule:
+    """When the probe runs: at the first step of a fit, after every change of the trainable set, and at random
+    later steps at a rate chosen after the first probe so that probing takes at most ``budget`` of the run's time.
 
     Args:
-        module: the LightningModule.
-        engine: the per-sample clipping engine (``capture`` / ``probe_norms``).
-        loss_of_batch: runs the user's ``training_step`` on a batch and returns its loss.
-        batch: the logical batch of the step about to run.
+        budget: the share of the run's time the probe may take (0: only the first step and trainable-set changes).
 
-    Returns:
-        Whether the check ran (a batch of one example cannot mix examples: the check then waits).
-
-    Raises:
-        SampleMixingError: see :func:`find_sample_mixing`.
+    Example:
+        >>> schedule = ProbeSchedule(budget=0.02)
+        >>> schedule.due(0.5)  # the first step is always probed
+        True
+        >>> schedule.measured(probe_seconds=0.1, step_seconds=1.0)
+        >>> round(schedule.rate, 6)
+        0.2
     """
-    size = batch_size_of(batch)
-    if size < 2:
-        return False
 
-    def norms_of(probe: Any, m: int) -> Tensor:
-        with _logging_suppressed(module), engine.capture(m):
-            loss_of_batch(probe).backward()
-        return engine.probe_norms()
+    budget: float = DEFAULT_PROBE_BUDGET
+    rate: float | None = None
+    pending: bool = True
+    probes: int = 0
+    probe_seconds: float = 0.0
+    _first: tuple[float, float] | None = field(default=None, repr=False)
 
-    find_sample_mixing(module, norms_of, batch, size)
-    return True
+    def request(self) -> None:
+        """Probe at the next step (a new fit, a changed trainable set)."""
+        self.pending = True
+
+    def due(self, uniform: float) -> bool:
+        """Whether to probe this step, given a uniform draw in [0, 1) from the probe's random source."""
+        if self.pending:
+            return True
+        return self.rate is not None and uniform < self.rate
+
+    def ran(self, seconds: float) -> None:
+        """Record a probe that ran."""
+        self.pending = False
+        self.probes += 1
+        self.probe_seconds += seconds
+
+    def measured(self, probe_seconds: float, step_seconds: float) -> None:
+        """Set the rate of later probes from one probe's and one step's duration."""
+        if self.budget >= 1:  # the whole run may go to probing: probe every step
+            self.rate = 1.0
+            return
+        if probe_seconds <= 0 or not math.isfinite(probe_seconds):
+            self.rate = 1.0 if self.budget > 0 else 0.0
+            return
+        self.rate = max(0.0, min(1.0, self.budget * step_seconds / probe_seconds))
 
 
-__all__ = ["PROBE_EXAMPLES", "SampleMixingError", "alter_first_example", "find_sample_mixing", "probe_training_step"]
+__all__ = [
+    "DEFAULT_PROBE_BUDGET",
+    "PROBE_EXAMPLES",
+    "ProbeItems",
+    "ProbeSchedule",
+    "SampleMixingError",
+    "alter_first_example",
+    "compare_passes",
+    "find_sample_mixing",
+    "probe_items",
+]

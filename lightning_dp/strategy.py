@@ -15,7 +15,8 @@ and the user's optimizer then steps once on the private gradient.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -38,6 +39,7 @@ from typing_extensions import override
 
 from lightning_dp.accounting import Accountant, MechanismSegment, PrivacyLedger
 from lightning_dp.budget import EpsilonMeter
+from lightning_dp.buffers import BufferWatch
 from lightning_dp.checkpointing import RunState, restore_run
 from lightning_dp.clipping import ClippingMode, sensitivity
 from lightning_dp.engine import build_engine
@@ -45,7 +47,7 @@ from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError
 from lightning_dp.guards import OneTrainerOnly, check_gradients_written, refuse_accumulation, trainable_set_changed
 from lightning_dp.noise import privatize
 from lightning_dp.plan import DEFAULT_DELTA, PrivacyPlan, planned_total_steps, selection_for
-from lightning_dp.probe import probe_training_step
+from lightning_dp.probe import DEFAULT_PROBE_BUDGET, ProbeItems, ProbeSchedule, SampleMixingError, probe_items
 from lightning_dp.protocols import declared_phases, declared_releases
 from lightning_dp.randomness import RandomSource, RandomStreams
 from lightning_dp.reporting import epsilon_upper_bound, log_final, log_step, start_meter, step_metrics
@@ -102,8 +104,17 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         clipping: ``"flat"``, ``"normalized"``, ``"automatic"`` or ``"per_layer"`` (each layer's parameters
             clipped to C/√L, in backward: fastest); see :mod:`lightning_dp.clipping`. The noise is σ × the rule's
             sensitivity, so the accounting is the same.
-        check_sample_mixing: at the first step (and whenever the trainable set changes) check that no example's
-            gradient depends on another example's input; a mixing forward is an error.
+        check_sample_mixing: check that no example's gradient depends on another example (a forward, loss or
+            ``collate_fn`` that mixes examples is an error), on raw dataset items re-collated with the loader's
+            ``collate_fn``: at the first step of every fit, whenever the trainable set changes, and at random later
+            steps (see :mod:`lightning_dp.probe`).
+        probe_budget: the share of run time the random later probes may take (default 2 %; 0: first step and
+            trainable-set changes only).
+        public_buffers: buffers that may change in ``training_step`` but depend on the parameters and the step count
+            only (an EMA of the weights, a counter); the probe checks that they do not depend on the examples.
+        nonprivate_buffers: buffers that hold statistics of the private batch, kept knowingly: they are listed as
+            not private in the privacy summary and the checkpoint. Any other buffer that changes in
+            ``training_step`` stops the run (see :mod:`lightning_dp.buffers`).
         nonfinite: ``"skip"``: an example whose per-sample gradient is NaN/inf contributes zero (the bound still
             holds) and a warning counts them; ``"error"``: raise instead.
         journal_dir: where the privacy journal is written (default: ``<default_root_dir>/dp_journal``).
@@ -143,6 +154,9 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         engine: str = "ghost",
         clipping: ClippingMode = "flat",
         check_sample_mixing: bool = True,
+        probe_budget: float = DEFAULT_PROBE_BUDGET,
+        public_buffers: Sequence[str] = (),
+        nonprivate_buffers: Sequence[str] = (),
         nonfinite: Literal["skip", "error"] = "skip",
         journal_dir: _PATH | None = None,
         resume_policy: Literal["strict", "account_forks", "trust_checkpoint"] = "strict",
@@ -185,6 +199,10 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         self.engine_name = engine
         self.clipping = clipping
         self.check_sample_mixing = check_sample_mixing
+        if not 0 <= probe_budget <= 1:
+            raise DPMisconfigurationError(f"probe_budget is a share of run time in [0, 1], got {probe_budget}.")
+        self.probe_budget = float(probe_budget)
+        self._buffers = BufferWatch(public=public_buffers, nonprivate=nonprivate_buffers)
         self.nonfinite = nonfinite
         self.journal_dir = journal_dir
         self.resume_policy = resume_policy
@@ -203,7 +221,10 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         self._pending: dict[torch.nn.Parameter, Tensor] | None = None
         self._written: dict[torch.nn.Parameter, Tensor] = {}
         self._last_norms: Tensor | None = None
-        self._probe_pending = False
+        self._probe = ProbeSchedule(self.probe_budget)
+        self._probe_items: ProbeItems | None = None
+        self._train_loader_key: tuple[int, int] | None = None
+        self._released_in_batch = False
         self._nonfinite_total = 0
         self._stopped_reason: str | None = None
         self._planned_this_fit = False
@@ -267,6 +288,11 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         return self._plan.released_steps - 1
 
     @property
+    def nonprivate_buffers(self) -> tuple[str, ...]:
+        """Buffers declared as statistics of the private data (``nonprivate_buffers``): outside the guarantee."""
+        return self._buffers.nonprivate
+
+    @property
     def journal_path(self) -> str | None:
         """The privacy journal of this run (known once ``fit`` has started)."""
         return self._run.journal_path
@@ -295,7 +321,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         self._engine = build_engine(self.engine_name, module, self.loss_reduction, self.nonfinite)
         self._engine.set_grad_masks(self.grad_masks)
         self._engine.attach()
-        self._probe_pending = self.check_sample_mixing
+        self._probe.request()
         for p in module.parameters():
             if not p.requires_grad:
                 p.grad = None
@@ -350,10 +376,12 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             return
         validate_trainer(trainer, self.precision_plugin.precision)
         validate_module(module)
+        self._buffers.bind(module)
         self._adopt_module_state(module)
         self._streams.refresh()
-        if self.world_size > 1:  # every rank draws its shard's masks from rank 0's sampling root
-            self._streams.set_root("sampling", int(self.broadcast(self._streams.root("sampling"), src=0)))
+        if self.world_size > 1:  # every rank draws its shard's masks (and the probe's schedule) from rank 0's roots
+            for purpose in ("sampling", "probe"):
+                self._streams.set_root(purpose, int(self.broadcast(self._streams.root(purpose), src=0)))
         self._engine = build_engine(self.engine_name, module, self.loss_reduction, self.nonfinite)
         self._engine.set_grad_masks(self.grad_masks)
         super().setup(trainer)
@@ -361,13 +389,30 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         if len(self.optimizers) != 1:
             raise DPMisconfigurationError(f"DPStrategy needs exactly one optimizer, got {len(self.optimizers)}.")
         self._engine.attach()
-        self._probe_pending = self.check_sample_mixing
+        self._probe = ProbeSchedule(self.probe_budget)
+        self._train_loader_key = None
         self._nonfinite_total = 0
         self._stopped_reason = None
         self._planned_this_fit = False
         self._run.bind_trainer(trainer, self._plan.released_steps, self._restored_from_checkpoint)
         self._restored_from_checkpoint = False
         self._install_budget(trainer)
+
+    @override
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        """Build the optimizers; several under automatic optimization get an error that says what DP needs."""
+        try:
+            super().setup_optimizers(trainer)
+        except RuntimeError as err:
+            if "multiple optimizers" not in str(err):
+                raise
+            raise DPMisconfigurationError(
+                "configure_optimizers returned several optimizers. DPStrategy privatises one gradient per step for one"
+                " optimizer under automatic optimization (Lightning's hint to set automatic_optimization=False does"
+                " not apply: manual optimization cannot be made private here). Put all parameters in one optimizer"
+                " with parameter groups, e.g. torch.optim.AdamW([{'params': backbone, 'lr': 1e-4}, {'params': head,"
+                " 'lr': 1e-3}])."
+            ) from err
 
     def _install_budget(self, trainer: pl.Trainer) -> None:
         """With ``target_epsilon``, a :class:`PrivacyBudget` at the target stops the run cleanly before any step that
@@ -410,6 +455,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None or trainer.state.stage != RunningStage.TRAINING:
             return dataloader
+        self._refuse_second_train_loader(trainer)
         dataset, batch_size = validate_training_loader(dataloader)
         self._plan.bind(len(dataset), batch_size, self.world_size, self.global_rank)
         sampler = self._plan.selection.batch_sampler(self._sampling_source, lambda: self._plan.released_steps)
@@ -419,6 +465,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             )
             self._planned_this_fit = True
         loader: DataLoader = dataloader  # type: ignore[assignment]
+        self._probe_items = ProbeItems(dataset, loader.collate_fn)
         return DataLoader(
             dataset,
             batch_sampler=sampler,
@@ -432,6 +479,19 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             persistent_workers=loader.persistent_workers,
             pin_memory_device=loader.pin_memory_device,
         )
+
+    def _refuse_second_train_loader(self, trainer: pl.Trainer) -> None:
+        """Lightning processes every loader of a list, dict or ``CombinedLoader`` in one round, before it stores the
+        combined loader: a second call in the same round is a second training loader.
+        """
+        key = (id(trainer), id(getattr(trainer.fit_loop, "_combined_loader", None)))
+        if key == self._train_loader_key:
+            raise DPMisconfigurationError(
+                "DPStrategy trains on exactly one training dataloader, but got several (a list or dict of train"
+                " dataloaders, or a CombinedLoader). Poisson sampling draws every example with probability q from one"
+                " dataset. Concatenate the datasets (torch.utils.data.ConcatDataset) into one DataLoader."
+            )
+        self._train_loader_key = key
 
     def _sampling_source(self, step: int, rank: int) -> RandomSource:
         return self._streams.source("sampling", step, rank, self._run.branch)
@@ -519,6 +579,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         """Before each step: refuse gradient accumulation, enforce the budget, follow the trainable set."""
         trainer = self.lightning_module.trainer
         refuse_accumulation(trainer)
+        self._released_in_batch = False
         if self._stopped_reason is not None:
             raise PrivacyTargetError(f"DPStrategy: no step may run: {self._stopped_reason}")
         if self._budget is not None:
@@ -535,11 +596,15 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         """Run the user's ``training_step`` per micro-batch, clip per sample, and form the noisy gradient."""
         module = self.lightning_module
         batch, rest = args[0], args[1:]
+        self._refuse_second_release()
         micro_batches = split_batch(batch, self.max_physical_batch_size)
-        if self._probe_pending:  # does any example's gradient depend on another's input?
-            run = lambda b: self._run_user_step(b, rest, kwargs)[1]  # noqa: E731
-            self._probe_pending = not probe_training_step(module, self._engine, run, batch)
+        probe_seconds = self._maybe_probe(rest, kwargs)
+        started = time.perf_counter()
+        before = self._buffers.snapshot(module)
         losses, norms, last_output = self._clip_micro_batches(micro_batches, rest, kwargs)
+        self._buffers.check(module, before)
+        if probe_seconds is not None and self._probe.rate is None:
+            self._set_probe_rate(probe_seconds, time.perf_counter() - started)
         self._pending = self._reduce_and_noise(self._engine.pop_summed())
         self._last_norms = norms
         metrics = step_metrics(self._plan, self._epsilon_upper_bound(), sensitivity(self.max_grad_norm, self.clipping))
@@ -549,6 +614,54 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         if isinstance(last_output, Mapping):
             return {**last_output, "loss": mean_loss}
         return mean_loss
+
+    def _refuse_second_release(self) -> None:
+        """One release per sampled batch: a second evaluation of the step on the same batch is refused."""
+        if self._released_in_batch:
+            raise DPMisconfigurationError(
+                "training_step ran a second time on the same sampled batch: the optimizer evaluates its closure twice"
+                " (SAM, or an optimizer_step that calls the closure twice). Each evaluation would release another noisy"
+                " gradient of the same Poisson sample, which is one subsampled Gaussian mechanism with σ/√2, not two"
+                " independent steps, so the ε reported would be too small. Use an optimizer that evaluates the closure"
+                " once per step. For sharpness-aware training without extra privacy cost, take the ascent direction"
+                " from the previous step's private gradient (DP-SAT): see 'Sharpness-aware minimisation' in the docs."
+            )
+        self._released_in_batch = True
+
+    def _maybe_probe(self, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
+        """Run the sample-mixing probe if this step is due (all ranks agree); return its duration."""
+        if not self.check_sample_mixing or self._probe_items is None:
+            return None
+        step = self._plan.released_steps
+        uniform = float(self._streams.source("probe", step, 0, self._run.branch).uniform(1)[0])
+        if not self._probe.due(uniform):
+            return None
+        started = time.perf_counter()
+        error: SampleMixingError | None = None
+        try:
+            run = lambda b: self._run_user_step(b, rest, kwargs)[1]  # noqa: E731
+            source = self.random_source("probe", step)
+            probe_items(self.lightning_module, self._engine, run, self._probe_items, source, self._buffers.public)
+        except SampleMixingError as err:
+            error = err
+        found = error is not None
+        if self.world_size > 1:
+            flag = torch.tensor([float(found)], device=self.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            found = bool(flag.item())
+        if error is not None:
+            raise error
+        if found:
+            raise SampleMixingError("The sample-mixing probe of another rank found examples mixed (see its error).")
+        seconds = time.perf_counter() - started
+        self._probe.ran(seconds)
+        return seconds
+
+    def _set_probe_rate(self, probe_seconds: float, step_seconds: float) -> None:
+        """Fix how often later steps are probed (rank 0's measurement, so that every rank probes the same steps)."""
+        self._probe.measured(probe_seconds, step_seconds)
+        if self.world_size > 1:
+            self._probe.rate = float(self.broadcast(self._probe.rate, src=0))
 
     def _run_user_step(self, micro: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Tensor]:
         with self.precision_plugin.train_step_context():
@@ -664,6 +777,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             **self._run.state_dict(),
             "max_grad_norm": self.max_grad_norm,
             "clipping": self.clipping,
+            "nonprivate_buffers": list(self._buffers.nonprivate),
         }
 
     def load_state_dict(

@@ -22,8 +22,9 @@ def privacy_summary(strategy: DPStrategy, delta: float | None = None) -> dict[st
     Keys: ``dp/final_epsilon``, ``dp/delta``, ``dp/noise_multiplier`` (σ of the gradient; of the last phase when
     the budget was split, then also ``dp/noise_phases``), ``dp/sample_rate``, ``dp/max_grad_norm``, ``dp/steps``
     (private optimizer steps taken, resumed runs included), ``dp/planned_steps`` and ``dp/target_epsilon`` when known,
-    and ``dp/epsilon_by_mechanism/<name>`` for each mechanism of the ledger on its own (these do not add up:
-    composition is sub-additive).
+    ``dp/epsilon_by_mechanism/<name>`` for each mechanism of the ledger on its own (these do not add up:
+    composition is sub-additive), and ``nonprivate/buffers``: the buffers declared as non-private statistics of the
+    data (``DPStrategy(nonprivate_buffers=...)``), outside the guarantee.
 
     Args:
         strategy: the ``DPStrategy`` of the run.
@@ -51,6 +52,9 @@ def privacy_summary(strategy: DPStrategy, delta: float | None = None) -> dict[st
         out["dp/noise_phases"] = ", ".join(f"σ={sigma:.5g} before step {end}" for end, sigma in phases)
     for name, eps in ledger.breakdown(delta).items():
         out[f"dp/epsilon_by_mechanism/{name}"] = eps
+    nonprivate = list(getattr(strategy, "nonprivate_buffers", ()))
+    if nonprivate:
+        out["nonprivate/buffers"] = ", ".join(nonprivate)
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -111,6 +115,8 @@ def format_privacy_summary(
     mechanisms = {k.removeprefix("dp/epsilon_by_mechanism/"): v for k, v in summary.items() if "by_mechanism/" in k}
     if mechanisms:
         rows.append(("ε by mechanism", ", ".join(f"{name} {_num(eps)}" for name, eps in mechanisms.items())))
+    if "nonprivate/buffers" in summary:
+        rows.append(("not private", f"buffers {summary['nonprivate/buffers']} (statistics of the data, no noise)"))
     if "perf/samples_per_second" in summary:
         rows.append(
             (

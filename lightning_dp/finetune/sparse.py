@@ -79,7 +79,8 @@ class SparseFineTuning(pl.Callback):
             return "selection"
         return "sparse"
 
-    def _enter(self, phase: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _enter(self, phase: str, trainer: pl.Trainer, pl_module: pl.LightningModule, resume: bool = False) -> None:
+        """Set the trainable parameters (and masks) of ``phase``; ``resume`` keeps the selection's scores so far."""
         model = find_backbone(pl_module, self.model_attr)
         params = dict(model.named_parameters())
         if phase == "warmup":
@@ -87,7 +88,9 @@ class SparseFineTuning(pl.Callback):
         elif phase == "selection":
             for name, p in params.items():
                 p.requires_grad_(name in self._candidate_names or name in self._head)
-            self.scores = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in self._candidate_names}
+            if not (resume and set(self.scores) == set(self._candidate_names)):
+                self.scores = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in self._candidate_names}
+            self.scores = {n: s.to(params[n].device) for n, s in self.scores.items()}
         else:
             if not self.masks:
                 self._select()
@@ -136,7 +139,10 @@ class SparseFineTuning(pl.Callback):
         ]
         if not self._candidate_names:
             raise DPMisconfigurationError("SparseFineTuning found no candidate tensor with more than one dimension.")
-        self._enter(self._phase_of(trainer.current_epoch), trainer, pl_module)
+        # On a resume, the loops' progress (current_epoch) is restored only after on_fit_start; this callback's own
+        # state (phase, scores, masks) is restored before it: continue in the phase the checkpoint was written in.
+        phase = self.phase or self._phase_of(trainer.current_epoch)
+        self._enter(phase, trainer, pl_module, resume=bool(self.phase))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Move to the next phase at its first epoch."""
@@ -172,9 +178,15 @@ class SparseFineTuning(pl.Callback):
                 p[keep] = self.initial[name][keep]
 
     def state_dict(self) -> dict[str, Any]:
-        """Masks (plain lists) for resuming the sparse phase."""
-        return {"masks": {n: m.tolist() for n, m in self.masks.items()}}
+        """The phase, the selection's scores so far and the masks: a resume continues exactly where it stopped."""
+        return {
+            "phase": self.phase,
+            "scores": {n: s.detach().cpu().clone() for n, s in self.scores.items()},
+            "masks": {n: m.tolist() for n, m in self.masks.items()},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the masks."""
+        """Restore the phase, scores and masks (checkpoints of earlier versions hold the masks only)."""
         self.masks = {n: torch.tensor(m, dtype=torch.bool) for n, m in state_dict.get("masks", {}).items()}
+        self.scores = {n: s.clone().float() for n, s in state_dict.get("scores", {}).items()}
+        self.phase = state_dict.get("phase", "sparse" if self.masks else "")

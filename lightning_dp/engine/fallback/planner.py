@@ -372,7 +372,12 @@ class FunctionalFallback:
             cap.layouts[mod] = "channels_last" if channels_last else "non-contiguous"
         if output.dim() == 0 or output.shape[0] != cap.b:
             rows = "no batch dimension" if output.dim() == 0 else f"{output.shape[0]} rows"
-            self._fold(frame, f"layer '{self._name(mod)}' ({type(mod).__name__}) gives {rows} for {cap.b} examples")
+            self._fold(
+                frame,
+                f"layer '{self._name(mod)}' ({type(mod).__name__}) gives {rows} for {cap.b} examples; training_step"
+                " must run the whole batch it is given in one forward (a step that runs the batch in parts, or uses"
+                " only part of it, gives layers fewer rows than examples)",
+            )
             return False
         if cap.discover and frame is not None and output.requires_grad:  # kept to tell a wrong rule from a hidden use
             grads: dict[int, Tensor] = {}
@@ -541,7 +546,14 @@ class FunctionalFallback:
         if other is not None or (in_place and not first_batched):
             out = func(*args, **kwargs)
             what = f"a tensor of shape {tuple(other.shape)}" if other is not None else "an in-place write"
-            self._fold(top, f"'{_name(func)}' combines a parameter with {what} (the batch is not its first dimension)")
+            hint = "the batch is not its first dimension"
+            if other is not None and other.dim() == 0 and top is None:
+                hint = (
+                    "outside every module: a loss term that depends on the parameters but not on the examples, such as"
+                    " a penalty λ·Σp², has no per-sample gradient; use the optimizer's weight_decay instead, e.g."
+                    " torch.optim.AdamW(params, weight_decay=...)"
+                )
+            self._fold(top, f"'{_name(func)}' combines a parameter with {what} ({hint})")
             return out
         if batched:
             return self._combine(func, args, kwargs, spec, roles, top, in_place)
