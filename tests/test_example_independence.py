@@ -10,7 +10,6 @@ import lightning as L
 import pytest
 import torch
 from helpers import ClassifierModule, loader, make_vit, mlp, tensor_data, trainer
-from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
 
@@ -314,12 +313,13 @@ def test_misleading_errors_now_name_the_cause(module_cls, match, engine):
 def test_two_optimizers_get_a_dp_specific_error():
     class TwoOptimizers(ClassifierModule):
         def configure_optimizers(self):
-            return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
+            return [
+                torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+                torch.optim.SGD(self.net[2].parameters(), lr=0.1),
+            ]
 
     with pytest.raises(DPMisconfigurationError, match="one optimizer with parameter groups"):
-        trainer(DPStrategy(noise_multiplier=1.0), max_steps=2).fit(
-            TwoOptimizers(mlp()), loader(tensor_data(), 20)
-        )
+        trainer(DPStrategy(noise_multiplier=1.0), max_steps=2).fit(TwoOptimizers(mlp()), loader(tensor_data(), 20))
 
 
 # ---------------------------------------------------------------------- SPARTA resumes exactly
