@@ -131,6 +131,40 @@ def _others(values: Tensor, changed: int) -> Tensor:
     return values[keep.to(values.device)]
 
 
+def _run_passes(
+    model: nn.Module,
+    per_sample_norms: Callable[[Any, int], Tensor],
+    make_batches: Sequence[Callable[[], Any]],
+    size: int,
+    public_buffers: Sequence[str],
+    record: bool,
+) -> tuple[list[Tensor], list[dict[str, Tensor]], list[int], list[list[tuple[str, Tensor]]]]:
+    """Each batch made and run under the same RNG state, buffers restored after each; RNG restored at the end."""
+    states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+    outputs: list[list[tuple[str, Tensor]]] = [[], []]
+    norms: list[Tensor] = []
+    buffers: list[dict[str, Tensor]] = []
+    sizes: list[int] = []
+    try:
+        for i, make in enumerate(make_batches):
+            _set_rng_states(states)  # the same dropout masks, augmentations, MixUp draws ... in both passes
+            with _buffers_restored(model):
+                batch = make()
+                sizes.append(batch_size_of(batch))
+                if sizes[-1] != size:
+                    break
+                if record:
+                    with _recording_outputs(model, size, outputs[i]):
+                        norms.append(per_sample_norms(batch, size).detach().float().cpu())
+                else:
+                    norms.append(per_sample_norms(batch, size).detach().float().cpu())
+                named = dict(model.named_buffers())
+                buffers.append({n: named[n].detach().float().clone() for n in public_buffers if n in named})
+    finally:
+        _set_rng_states(states)
+    return norms, buffers, sizes, outputs
+
+
 def compare_passes(
     model: nn.Module,
     per_sample_norms: Callable[[Any, int], Tensor],
@@ -157,25 +191,7 @@ def compare_passes(
     Raises:
         SampleMixingError: naming where the examples mix.
     """
-    states = _collect_rng_states(include_cuda=torch.cuda.is_available())
-    outputs: list[list[tuple[str, Tensor]]] = [[], []]
-    norms: list[Tensor] = []
-    buffers: list[dict[str, Tensor]] = []
-    sizes: list[int] = []
-    try:
-        for i, make in enumerate(make_batches):
-            _set_rng_states(states)  # the same dropout masks, augmentations, MixUp draws ... in both passes
-            with _buffers_restored(model):
-                batch = make()
-                sizes.append(batch_size_of(batch))
-                if sizes[-1] != size:
-                    break
-                with _recording_outputs(model, size, outputs[i]):
-                    norms.append(per_sample_norms(batch, size).detach().float().cpu())
-                named = dict(model.named_buffers())
-                buffers.append({n: named[n].detach().float().clone() for n in public_buffers if n in named})
-    finally:
-        _set_rng_states(states)
+    norms, buffers, sizes, _ = _run_passes(model, per_sample_norms, make_batches, size, public_buffers, record=False)
     if any(s != size for s in sizes):
         raise SampleMixingError(
             f"The training dataloader's collate_fn turned {size} dataset items into a batch of {sizes[-1]} examples."
@@ -196,6 +212,8 @@ def compare_passes(
         "in the loss computed by training_step, or in the collate_fn (no module's output for the other examples"
         " changed before the loss)"
     )
+    # Locate the mixing: run both passes again, now recording every module's output (only on this error path).
+    outputs = _run_passes(model, per_sample_norms, make_batches, size, (), record=True)[3]
     for (name, a), (_, b) in zip(*outputs):
         if _differ(_others(a, changed), _others(b, changed), rtol):
             where = f"first visible at the output of module '{name or '<root>'}'"
@@ -392,18 +410,26 @@ def _no_log(*args: Any, **kwargs: Any) -> None:
 @dataclass
 class ProbeSchedule:
     """When the probe runs: at the first step of a fit, after every change of the trainable set, and at random
-    later steps at a rate chosen after the first probe so that probing takes at most ``budget`` of the run's time.
+    later steps, so that probing takes at most ``budget`` of the run's time.
+
+    Later probes are drawn at random (from the run's secret randomness) at a rate of ``budget`` × step time / probe
+    time, re-estimated after each probe; a probe is skipped while the time spent probing so far (the mandatory first
+    probe included) exceeds ``budget`` of the time spent in steps, so the share holds over the run.
 
     Args:
-        budget: the share of the run's time the probe may take (0: only the first step and trainable-set changes).
+        budget: the share of the run's time the probe may take (0: only the first step and trainable-set changes;
+            1: every step).
 
     Example:
         >>> schedule = ProbeSchedule(budget=0.02)
         >>> schedule.due(0.5)  # the first step is always probed
         True
-        >>> schedule.measured(probe_seconds=0.1, step_seconds=1.0)
+        >>> schedule.ran(0.1)
+        >>> schedule.stepped(1.0)
         >>> round(schedule.rate, 6)
         0.2
+        >>> schedule.due(0.1)  # 0.1 s of probing is more than 2 % of 1 s of steps: wait
+        False
     """
 
     budget: float = DEFAULT_PROBE_BUDGET
@@ -411,7 +437,9 @@ class ProbeSchedule:
     pending: bool = True
     probes: int = 0
     probe_seconds: float = 0.0
-    _first: tuple[float, float] | None = field(default=None, repr=False)
+    step_seconds: float = 0.0
+    steps: int = 0
+    _last_probe: float = field(default=0.0, repr=False)
 
     def request(self) -> None:
         """Probe at the next step (a new fit, a changed trainable set)."""
@@ -419,25 +447,28 @@ class ProbeSchedule:
 
     def due(self, uniform: float) -> bool:
         """Whether to probe this step, given a uniform draw in [0, 1) from the probe's random source."""
-        if self.pending:
+        if self.pending or self.budget >= 1:
             return True
-        return self.rate is not None and uniform < self.rate
+        if self.rate is None or self.probe_seconds > self.budget * self.step_seconds:
+            return False
+        return uniform < self.rate
 
     def ran(self, seconds: float) -> None:
-        """Record a probe that ran."""
+        """Record a probe that ran (its duration)."""
         self.pending = False
         self.probes += 1
         self.probe_seconds += seconds
+        self._last_probe = seconds
 
-    def measured(self, probe_seconds: float, step_seconds: float) -> None:
-        """Set the rate of later probes from one probe's and one step's duration."""
-        if self.budget >= 1:  # the whole run may go to probing: probe every step
-            self.rate = 1.0
-            return
-        if probe_seconds <= 0 or not math.isfinite(probe_seconds):
+    def stepped(self, seconds: float) -> None:
+        """Record a step's duration (probe excluded) and re-estimate the rate of later probes."""
+        self.step_seconds += seconds
+        self.steps += 1
+        if self._last_probe > 0 and math.isfinite(self._last_probe):
+            mean_step = self.step_seconds / self.steps
+            self.rate = max(0.0, min(1.0, self.budget * mean_step / self._last_probe))
+        else:
             self.rate = 1.0 if self.budget > 0 else 0.0
-            return
-        self.rate = max(0.0, min(1.0, self.budget * step_seconds / probe_seconds))
 
 
 __all__ = [

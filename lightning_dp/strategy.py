@@ -598,13 +598,12 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         batch, rest = args[0], args[1:]
         self._refuse_second_release()
         micro_batches = split_batch(batch, self.max_physical_batch_size)
-        probe_seconds = self._maybe_probe(rest, kwargs)
+        self._maybe_probe(rest, kwargs)
         started = time.perf_counter()
         before = self._buffers.snapshot(module)
         losses, norms, last_output = self._clip_micro_batches(micro_batches, rest, kwargs)
         self._buffers.check(module, before)
-        if probe_seconds is not None and self._probe.rate is None:
-            self._set_probe_rate(probe_seconds, time.perf_counter() - started)
+        self._probe.stepped(time.perf_counter() - started)
         self._pending = self._reduce_and_noise(self._engine.pop_summed())
         self._last_norms = norms
         metrics = step_metrics(self._plan, self._epsilon_upper_bound(), sensitivity(self.max_grad_norm, self.clipping))
@@ -628,14 +627,19 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             )
         self._released_in_batch = True
 
-    def _maybe_probe(self, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
-        """Run the sample-mixing probe if this step is due (all ranks agree); return its duration."""
+    def _maybe_probe(self, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Run the sample-mixing probe if this step is due (rank 0's schedule decides for every rank)."""
         if not self.check_sample_mixing or self._probe_items is None:
-            return None
+            return
         step = self._plan.released_steps
         uniform = float(self._streams.source("probe", step, 0, self._run.branch).uniform(1)[0])
-        if not self._probe.due(uniform):
-            return None
+        due = self._probe.due(uniform)
+        if self.world_size > 1:
+            decision = torch.tensor([float(due)], device=self.root_device)
+            dist.broadcast(decision, src=0)
+            due = bool(decision.item())
+        if not due:
+            return
         started = time.perf_counter()
         error: SampleMixingError | None = None
         try:
@@ -653,15 +657,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             raise error
         if found:
             raise SampleMixingError("The sample-mixing probe of another rank found examples mixed (see its error).")
-        seconds = time.perf_counter() - started
-        self._probe.ran(seconds)
-        return seconds
-
-    def _set_probe_rate(self, probe_seconds: float, step_seconds: float) -> None:
-        """Fix how often later steps are probed (rank 0's measurement, so that every rank probes the same steps)."""
-        self._probe.measured(probe_seconds, step_seconds)
-        if self.world_size > 1:
-            self._probe.rate = float(self.broadcast(self._probe.rate, src=0))
+        self._probe.ran(time.perf_counter() - started)
 
     def _run_user_step(self, micro: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Tensor]:
         with self.precision_plugin.train_step_context():
