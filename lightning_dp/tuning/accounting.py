@@ -85,7 +85,7 @@ def run_rdp(segments: Iterable[Any]) -> np.ndarray:
 
 
 def _log_delta(rdp: np.ndarray, epsilon: float) -> float:
-    """log δ at ``epsilon`` of an RDP curve: the better of the conversion of Canonne et al. (2020, Prop. 12) and the
+    """Log δ at ``epsilon`` of an RDP curve: the better of the conversion of Canonne et al. (2020, Prop. 12) and the
     Bretagnolle–Huber bound δ ≤ TV ≤ √(1 - e^(-D_λ)) (valid since D_λ ≥ KL for λ > 1).
     """
     lam = ORDERS

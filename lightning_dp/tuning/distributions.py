@@ -137,7 +137,7 @@ class PoissonRuns(_InversionSampler):
         self.mean = float(mean)
 
     def log_pmf(self, k: int) -> float:
-        """log P(K = k)."""
+        """Log P(K = k)."""
         return -self.mean + k * math.log(self.mean) - math.lgamma(k + 1)
 
     def variance(self) -> float:
@@ -179,7 +179,7 @@ class TruncatedNegativeBinomialRuns(_InversionSampler):
         self.mean = float(mean) if mean == 1 else max(float(mean), _tnb_mean(self.gamma, self.shape))
 
     def log_pmf(self, k: int) -> float:
-        """log P(K = k)."""
+        """Log P(K = k)."""
         if self.gamma == 1.0:
             return 0.0 if k == 1 else -math.inf
         g, eta = self.gamma, self.shape
