@@ -178,7 +178,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     quiet_lightning()
     start = time.process_time()
     data = splits(args)
@@ -205,4 +204,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     main()
