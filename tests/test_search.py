@@ -236,3 +236,29 @@ def test_crashed_search_resumes_without_redrawing_or_retraining(tmp_path):
     assert result.model is not None
     with pytest.raises(DPMisconfigurationError, match="declared differently"):
         make_search(tmp_path, runs=GeometricRuns(7)).run()
+
+
+def test_private_score_is_noised_and_public_score_is_not(tmp_path):
+    one = {"max_grad_norm": [1.0], "batch_size": [60], "lr": [0.1]}
+    noisy = make_search(tmp_path / "a", space=one, runs=GeometricRuns(1), score_noise_multiplier=1000.0,
+                        target_epsilon=None, noise_multiplier=2.0).run()  # fmt: skip
+    public = make_search(tmp_path / "b", space=one, runs=GeometricRuns(1), selection="public", target_epsilon=None,
+                         noise_multiplier=2.0).run()  # fmt: skip
+    assert noisy.runs_drawn == public.runs_drawn == 1
+    assert not 0 <= noisy.score <= 1  # std 1000/60: the released score carries the noise it is charged for
+    assert 0 <= public.score <= 1
+    assert noisy.epsilon == search_epsilon([(2.0, 0.5, 2), (1000.0, 1.0, 1)], 1e-5, GeometricRuns(1))
+    assert public.epsilon == search_epsilon([(2.0, 0.5, 2)], 1e-5, GeometricRuns(1)) < noisy.epsilon
+
+
+def test_a_run_that_spends_more_than_its_plan_stops_the_search(tmp_path):
+    train, val = tensor_data(N, seed=0), tensor_data(60, seed=1)
+    search = PrivateSearch(
+        lambda c: Module(c["lr"]),
+        lambda c: (DataLoader(train, batch_size=2 * c["batch_size"]), DataLoader(val, batch_size=60)),  # not B
+        {"batch_size": [30], "lr": [0.1]},
+        num_samples=N, runs=GeometricRuns(1), delta=1e-5, noise_multiplier=2.0, defaults={"epochs": 1},
+        directory=tmp_path / "search", seed=0,
+    )  # fmt: skip
+    with pytest.raises(DPMisconfigurationError, match="spent more than its plan"):
+        search.run()
