@@ -165,6 +165,16 @@ def _study_args(tree, out):
             "--methods-clip", "2", "--delta", "1e-3", "--min-steps", "2"]  # fmt: skip
 
 
+def test_private_search_tiny_reports_both_epsilons(tmp_path):
+    import private_search
+
+    report = private_search.main(["--tiny", "--out", str(tmp_path)])
+    grid, search = report["grid"], report["search"]
+    assert grid["runs"] == 2 and grid["claimed_epsilon"] == 8.0 < grid["composed_epsilon"]
+    assert search["epsilon"] <= 8.0 and search["runs_drawn"] >= 1 and 0 <= search["test_acc"] <= 1
+    assert json.loads((tmp_path / "report.json").read_text())["search"]["config"] == search["config"]
+
+
 def test_study_all_stages_on_a_tiny_tree(tree, tmp_path):
     """``python examples/study.py all --data ... --out ...``, shrunk to a 4-class tree and a 1-block ViT."""
     out = tmp_path / "study"
