@@ -27,6 +27,7 @@ from lightning_dp.tuning import (
     search_epsilon,
     search_epsilon_of_plans,
 )
+from lightning_dp.tuning.accounting import integer_order_search_epsilon  # noqa: E402
 
 dp_accounting = pytest.importorskip("dp_accounting")
 from dp_accounting.rdp import RdpAccountant  # noqa: E402
@@ -66,6 +67,15 @@ def reference(segments, delta, runs):
 @pytest.mark.parametrize("runs", DISTRIBUTIONS, ids=repr)
 @pytest.mark.parametrize("segments", PLANS, ids=str)
 def test_search_epsilon_is_never_below_dp_accounting_and_within_15_percent(segments, runs):
+    ours, ref = search_epsilon(segments, 1e-5, runs), reference(segments, 1e-5, runs)
+    assert ref <= ours <= 1.15 * ref, (ours, ref)
+    own = integer_order_search_epsilon([segments], 1e-5, runs)  # the independent computation alone
+    assert ref <= own, (own, ref)
+
+
+@pytest.mark.parametrize("runs", [PoissonRuns(8), GeometricRuns(10)], ids=repr)
+def test_search_epsilon_stays_within_15_percent_at_large_epsilon(runs):
+    segments = [(0.6, 0.05, 2000)]  # one run's ε ≈ 11: integer orders alone are 25 % above dp_accounting here
     ours, ref = search_epsilon(segments, 1e-5, runs), reference(segments, 1e-5, runs)
     assert ref <= ours <= 1.15 * ref, (ours, ref)
 
