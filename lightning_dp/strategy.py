@@ -46,7 +46,7 @@ from lightning_dp.guards import OneTrainerOnly, check_gradients_written, refuse_
 from lightning_dp.noise import privatize
 from lightning_dp.plan import DEFAULT_DELTA, PrivacyPlan, planned_total_steps, selection_for
 from lightning_dp.probe import probe_training_step
-from lightning_dp.protocols import declared_phases, declared_releases
+from lightning_dp.protocols import add_to_clipped_sum, declared_phases, declared_releases
 from lightning_dp.randomness import RandomSource, RandomStreams
 from lightning_dp.reporting import epsilon_upper_bound, log_final, log_step, start_meter, step_metrics
 from lightning_dp.sampling import EmptyBatchCollate, split_batch
@@ -540,7 +540,10 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             run = lambda b: self._run_user_step(b, rest, kwargs)[1]  # noqa: E731
             self._probe_pending = not probe_training_step(module, self._engine, run, batch)
         losses, norms, last_output = self._clip_micro_batches(micro_batches, rest, kwargs)
-        self._pending = self._reduce_and_noise(self._engine.pop_summed())
+        summed = self._engine.pop_summed()
+        if self.global_rank == 0:  # data-independent additions (audit canaries): once, before the noise
+            add_to_clipped_sum(module.trainer.callbacks, self, self._plan.released_steps, summed)
+        self._pending = self._reduce_and_noise(summed)
         self._last_norms = norms
         metrics = step_metrics(self._plan, self._epsilon_upper_bound(), sensitivity(self.max_grad_norm, self.clipping))
         log_step(module, metrics, norms if self.log_clip_fraction else None, self.max_grad_norm)
