@@ -20,9 +20,11 @@ import lightning_dp.noise
 from lightning_dp import DPStrategy
 from lightning_dp.audit import (
     CanaryAudit,
+    InputCanaryAudit,
     count_correct_guesses,
     epsilon_lower_bound_from_scores,
     max_epsilon_lower_bound,
+    multi_run_audit,
     one_run_epsilon_lower_bound,
     one_run_p_value,
 )
@@ -144,6 +146,7 @@ def _sparse_data(n=64, d=512, active=8):
 def _audited_run(audit, root=None):
     """A tiny run (q = 0.25, 20 steps, claimed ε = 2) with ``audit``; returns the trainer."""
     strategy = DPStrategy(target_epsilon=CLAIM, target_delta=DELTA, sampling_seed=1, noise_seed=1)
+    torch.manual_seed(0)
     callbacks = [PrivacySummary(print_table=False), audit]
     kw = {} if root is None else {"default_root_dir": root}
     tr = trainer(strategy, max_epochs=5, callbacks=callbacks, logger=_Metrics(), **kw)
@@ -231,3 +234,78 @@ def test_audit_setups_that_cannot_work_are_refused():
         )
     with pytest.raises(DPMisconfigurationError, match="DPStrategy"):
         trainer("auto", callbacks=[CanaryAudit(num_canaries=10)]).fit(ClassifierModule(nn.Linear(10, 4)), data)
+
+
+# ---------------------------------------------------------------------- input-space canaries
+def _input_canaries(m=300, d=320, active=8):
+    """One canary per unused input feature (amplitude 5, random label): only a canary's own example moves its
+    weights, so a model that memorises it has a lower loss on it."""
+    g = torch.Generator().manual_seed(5)
+    canaries = []
+    for j in range(m):
+        x = torch.zeros(d)
+        x[active + j] = 5.0
+        canaries.append((x, torch.randint(0, 4, (), generator=g)))
+    return canaries
+
+
+def _per_sample_loss(module, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(module(x), y, reduction="none")
+
+
+def _input_audited_run(audit):
+    """Claimed ε = 1, two epochs of the sparse data plus the "in" canaries (about 28 steps)."""
+    torch.manual_seed(0)
+    strategy = DPStrategy(target_epsilon=1.0, target_delta=DELTA, sampling_seed=1, noise_seed=1)
+    tr = trainer(strategy, max_epochs=2, callbacks=[audit])
+    tr.fit(ClassifierModule(nn.Linear(320, 4), lr=3.0), DataLoader(audit.wrap(_sparse_data(d=320)), batch_size=16))
+    return tr
+
+
+def test_input_canaries_are_added_with_probability_one_half_and_a_correct_run_audits_below_its_claim():
+    audit = InputCanaryAudit(_input_canaries(), _per_sample_loss, seed=2)
+    tr = _input_audited_run(audit)
+    assert len(tr.train_dataloader.dataset) == 64 + audit.included.sum()
+    assert abs(audit.included.sum() - 150) < 4 * math.sqrt(75)
+    assert audit.scores.shape == (300,)
+    assert audit.epsilon_lower_bound <= audit.claimed_epsilon <= 1.0
+
+
+def test_input_canaries_catch_a_run_without_noise(monkeypatch):
+    monkeypatch.setattr(lightning_dp.noise, "add_gaussian", lambda values, std, source: values)
+    audit = InputCanaryAudit(_input_canaries(), _per_sample_loss, seed=2, on_violation="warn")
+    with pytest.warns(UserWarning, match="EXCEEDS THE CLAIM"):
+        _input_audited_run(audit)
+    assert audit.epsilon_lower_bound > 1.0 >= audit.claimed_epsilon
+
+
+def test_input_canary_audit_needs_the_wrapped_training_set():
+    audit = InputCanaryAudit(_input_canaries(m=4, d=16), _per_sample_loss, seed=2)
+    with pytest.raises(DPMisconfigurationError, match="wrap"):
+        trainer(DPStrategy(noise_multiplier=1.0), callbacks=[audit]).fit(
+            ClassifierModule(nn.Linear(16, 4)), DataLoader(_sparse_data(n=32, d=16), batch_size=8)
+        )
+
+
+# ---------------------------------------------------------------------- multi-run
+def test_multi_run_audit_of_a_gaussian_mechanism_is_below_its_epsilon_and_catches_too_little_noise():
+    """One Gaussian release per run of the canary's bit (sensitivity 1): σ = 2 is ε ≈ 1.99 at δ = 1e-5
+    (dp_accounting's PLD, an independent accountant); a tenth of that noise is caught."""
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
+    accountant = PLDAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(2.0))
+    claim = accountant.get_epsilon(DELTA)
+    rng = np.random.default_rng(0)
+
+    def release(sigma):
+        return lambda include, run: float(include) + rng.normal(0.0, sigma)
+
+    ok = multi_run_audit(release(2.0), 400, claim, DELTA, seed=1)
+    assert ok.epsilon_lower_bound <= claim and ok.num_canaries == 400
+    with pytest.raises(PrivacyAuditError):
+        multi_run_audit(release(0.2), 400, claim, DELTA, seed=1)
+    broken = multi_run_audit(release(0.2), 400, claim, DELTA, seed=1, on_violation="warn")
+    assert broken.epsilon_lower_bound > claim and "runs" in broken.describe()

@@ -11,6 +11,8 @@ See the docs page "Audit your run".
 """
 
 from lightning_dp.audit.canaries import CanaryAudit
+from lightning_dp.audit.input_canaries import CanaryDataset, InputCanaryAudit
+from lightning_dp.audit.multi_run import TrainAndScore, draw_memberships, multi_run_audit
 from lightning_dp.audit.result import AuditResult
 from lightning_dp.audit.statistics import (
     count_correct_guesses,
@@ -24,10 +26,15 @@ from lightning_dp.audit.statistics import (
 __all__ = [
     "AuditResult",
     "CanaryAudit",
+    "CanaryDataset",
+    "InputCanaryAudit",
+    "TrainAndScore",
     "count_correct_guesses",
     "default_guess_fractions",
+    "draw_memberships",
     "epsilon_lower_bound_from_scores",
     "max_epsilon_lower_bound",
+    "multi_run_audit",
     "one_run_epsilon_lower_bound",
     "one_run_p_value",
 ]

@@ -23,6 +23,7 @@ class AuditResult:
         num_canaries: canaries inserted (each included with probability 1/2).
         num_guesses: canaries the best guess count guessed about.
         num_correct: correct guesses among them.
+        unit: what the canaries are called in messages (``"runs"`` for the multi-run audit).
     """
 
     epsilon_lower_bound: float
@@ -32,6 +33,7 @@ class AuditResult:
     num_canaries: int
     num_guesses: int
     num_correct: int
+    unit: str = "canaries"
 
     @property
     def violated(self) -> bool:
@@ -53,7 +55,7 @@ class AuditResult:
         """One line: the lower bound beside the claim."""
         line = (
             f"lightning_dp audit: ε ≥ {self.epsilon_lower_bound:.3g} (audited lower bound, {self.confidence:.0%}"
-            f" confidence; {self.num_correct}/{self.num_guesses} guesses right on {self.num_canaries} canaries)"
+            f" confidence; {self.num_correct}/{self.num_guesses} guesses right on {self.num_canaries} {self.unit})"
             f" vs claimed ε = {self.claimed_epsilon:.3g} at δ = {self.delta:g}"
         )
         if self.violated:
