@@ -309,3 +309,14 @@ def test_multi_run_audit_of_a_gaussian_mechanism_is_below_its_epsilon_and_catche
         multi_run_audit(release(0.2), 400, claim, DELTA, seed=1)
     broken = multi_run_audit(release(0.2), 400, claim, DELTA, seed=1, on_violation="warn")
     assert broken.epsilon_lower_bound > claim and "runs" in broken.describe()
+
+
+def test_the_audit_state_round_trips_through_a_checkpoint(correct_run):
+    _, audit = correct_run
+    state = audit.state_dict()
+    resumed = CanaryAudit(num_canaries=1000)
+    resumed.load_state_dict(state)
+    assert np.array_equal(resumed.included, audit.included) and np.array_equal(resumed.scores, audit.scores)
+    assert np.array_equal(resumed.inclusions, audit.inclusions)
+    with pytest.raises(DPMisconfigurationError, match="num_canaries"):
+        CanaryAudit(num_canaries=10).load_state_dict(state)

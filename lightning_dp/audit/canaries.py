@@ -121,6 +121,7 @@ class CanaryAudit(Callback):
         self._scores = torch.zeros(0, dtype=torch.float64)
         self._inclusions = torch.zeros(0, dtype=torch.long)  # steps each canary entered the sum
         self._params: dict[str, nn.Parameter] = {}
+        self._groups: dict[str, Tensor] = {}  # canary ids per parameter name
 
     # ------------------------------------------------------------------ public state
     @property
@@ -177,6 +178,7 @@ class CanaryAudit(Callback):
                 " trainable set of the first fit, or start a new CanaryAudit."
             )
         self._params = named
+        self._groups = self._by_parameter()
         self.epsilon_lower_bound = self.claimed_epsilon = self.result = None
         delta = strategy.delta if self.delta is None else self.delta
         tries = len(default_guess_fractions() if self.guess_fractions is None else self.guess_fractions)
@@ -226,7 +228,7 @@ class CanaryAudit(Callback):
         raw = torch.full((self.num_canaries,), self.canary_norm * c, dtype=torch.float32)
         factors = clipping.clip_factors(raw, c, strategy.clipping)
         values = raw * factors * self._sign.float()
-        for name, ids in self._by_parameter().items():
+        for name, ids in self._groups.items():
             ids = ids[drawn[ids]]
             param = self._params[name]
             if not ids.numel() or param not in summed:
@@ -244,7 +246,7 @@ class CanaryAudit(Callback):
         """Score: add each canary's coordinate of the private gradient (times its sign) to its score."""
         if not trainer.is_global_zero or not self._names:
             return
-        for name, ids in self._by_parameter().items():
+        for name, ids in self._groups.items():
             grad = self._params[name].grad
             if grad is None:
                 continue
