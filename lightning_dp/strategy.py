@@ -271,6 +271,11 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         """The privacy journal of this run (known once ``fit`` has started)."""
         return self._run.journal_path
 
+    @property
+    def clipping_groups(self) -> list[tuple[str, ...]]:
+        """The parameter groups of per-layer clipping (names; each bounded by C/√L), known once ``fit`` has started."""
+        return self._engine.clipping_groups if self._engine is not None else []
+
     def planned_segments(self, start: int, count: int) -> list[MechanismSegment]:
         """The ledger events that steps ``start .. start + count - 1`` will record if they run as planned.
 

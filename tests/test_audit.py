@@ -143,14 +143,14 @@ def _sparse_data(n=64, d=512, active=8):
     return TensorDataset(x, torch.randint(0, 4, (n,), generator=g))
 
 
-def _audited_run(audit, root=None):
+def _audited_run(audit, root=None, clipping="flat", net=None):
     """A tiny run (q = 0.25, 20 steps, claimed ε = 2) with ``audit``; returns the trainer."""
-    strategy = DPStrategy(target_epsilon=CLAIM, target_delta=DELTA, sampling_seed=1, noise_seed=1)
+    strategy = DPStrategy(target_epsilon=CLAIM, target_delta=DELTA, sampling_seed=1, noise_seed=1, clipping=clipping)
     torch.manual_seed(0)
     callbacks = [PrivacySummary(print_table=False), audit]
     kw = {} if root is None else {"default_root_dir": root}
     tr = trainer(strategy, max_epochs=5, callbacks=callbacks, logger=_Metrics(), **kw)
-    tr.fit(ClassifierModule(nn.Linear(512, 4)), DataLoader(_sparse_data(), batch_size=16))
+    tr.fit(ClassifierModule(net or nn.Linear(512, 4)), DataLoader(_sparse_data(), batch_size=16))
     return tr
 
 
@@ -223,10 +223,6 @@ def test_audit_setups_that_cannot_work_are_refused():
     with pytest.raises(DPMisconfigurationError, match="trainable coordinate"):  # mlp: 227 coordinates
         trainer(DPStrategy(noise_multiplier=1.0), callbacks=[CanaryAudit(num_canaries=1000)]).fit(
             ClassifierModule(nn.Sequential(mlp()[0], nn.Tanh(), nn.Linear(16, 4))), data
-        )
-    with pytest.raises(DPMisconfigurationError, match="per_layer"):
-        trainer(DPStrategy(noise_multiplier=1.0, clipping="per_layer"), callbacks=[CanaryAudit(num_canaries=10)]).fit(
-            ClassifierModule(nn.Linear(10, 4)), data
         )
     with pytest.raises(DPMisconfigurationError, match="2·num_canaries·δ"):
         trainer(DPStrategy(noise_multiplier=1.0, target_delta=1e-2), callbacks=[CanaryAudit(num_canaries=60)]).fit(
@@ -320,3 +316,16 @@ def test_the_audit_state_round_trips_through_a_checkpoint(correct_run):
     assert np.array_equal(resumed.inclusions, audit.inclusions)
     with pytest.raises(DPMisconfigurationError, match="num_canaries"):
         CanaryAudit(num_canaries=10).load_state_dict(state)
+
+
+def test_per_layer_canaries_are_clipped_to_their_layer_bound_and_catch_a_run_without_noise(monkeypatch):
+    """Two layers: each canary lies in one and is clipped to C/√2; with the noise off they are still caught."""
+    monkeypatch.setattr(lightning_dp.noise, "add_gaussian", lambda values, std, source: values)
+    audit = CanaryAudit(num_canaries=1000, seed=3, on_violation="warn")
+    net = nn.Sequential(nn.Linear(512, 4), nn.Linear(4, 4))
+    with pytest.warns(UserWarning, match="EXCEEDS THE CLAIM"):
+        tr = _audited_run(audit, clipping="per_layer", net=net)
+    assert len(tr.strategy.clipping_groups) == 2
+    raw, factors = audit._clipped(tr.strategy)
+    assert torch.allclose(raw * factors, torch.full_like(raw, 1.0 / math.sqrt(2)), rtol=1e-5)
+    assert audit.epsilon_lower_bound > CLAIM

@@ -74,9 +74,13 @@ class CanaryAudit(Callback):
         seed: fix the audit's randomness (tests only); by default it comes from the strategy's ``"audit"`` stream
             (fresh OS entropy per fit).
 
+    Under per-layer clipping a canary (one coordinate, so one layer) is clipped to that layer's bound C/√L: the
+    audit is then weaker (its canaries are √L times smaller than an example may be) but still catches missing noise
+    or clipping.
+
     Raises:
-        DPMisconfigurationError: for invalid arguments; at setup without ``DPStrategy``, with per-layer clipping, or
-            with fewer trainable coordinates than canaries.
+        DPMisconfigurationError: for invalid arguments; at setup without ``DPStrategy``, or with fewer trainable
+            coordinates than canaries.
 
     Example:
         >>> audit = CanaryAudit(num_canaries=1000)
@@ -151,12 +155,6 @@ class CanaryAudit(Callback):
         if stage != "fit":
             return
         strategy = require_dp_strategy(trainer, self)
-        if strategy.clipping == "per_layer":
-            raise DPMisconfigurationError(
-                "CanaryAudit supports flat, normalized and automatic clipping. Under per_layer clipping one"
-                " coordinate is clipped to C/√L, so a Dirac canary would be L times weaker than an example: audit a"
-                " rehearsal run with clipping='flat', or use InputCanaryAudit with your own canary examples."
-            )
         delta = strategy.delta if self.delta is None else self.delta
         if 2 * self.num_canaries * delta > 1:
             raise DPMisconfigurationError(
@@ -224,9 +222,7 @@ class CanaryAudit(Callback):
             raise RuntimeError("CanaryAudit: the canaries were not placed (on_train_start did not run).")
         q = float(strategy.sample_rate)
         drawn = (self._source(strategy, step).uniform(self.num_canaries) < q) & self._included
-        c = strategy.max_grad_norm
-        raw = torch.full((self.num_canaries,), self.canary_norm * c, dtype=torch.float32)
-        factors = clipping.clip_factors(raw, c, strategy.clipping)
+        raw, factors = self._clipped(strategy)
         values = raw * factors * self._sign.float()
         for name, ids in self._groups.items():
             ids = ids[drawn[ids]]
@@ -238,6 +234,17 @@ class CanaryAudit(Callback):
                 target = summed[param] = target.contiguous()
             target.view(-1).index_add_(0, self._index[ids].to(target.device), values[ids].to(target))
             self._inclusions[ids] += 1
+
+    def _clipped(self, strategy: DPStrategy) -> tuple[Tensor, Tensor]:
+        """Each canary's gradient value before clipping (``canary_norm``·C) and its factor under the run's rule. A
+        canary lies in one layer, so per-layer clipping bounds it by that layer's C/√L.
+        """
+        c = strategy.max_grad_norm
+        raw = torch.full((self.num_canaries,), self.canary_norm * c, dtype=torch.float32)
+        if strategy.clipping == "per_layer":
+            bound = clipping.per_layer_bound(c, len(strategy.clipping_groups))
+            return raw, clipping.clip_factors(raw, bound, "flat")
+        return raw, clipping.clip_factors(raw, c, strategy.clipping)
 
     @override
     def on_before_optimizer_step(
