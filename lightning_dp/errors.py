@@ -32,3 +32,18 @@ class NonFiniteGradientError(DPMisconfigurationError):
         super().__init__(message)
         self.count = count
         self.indices = indices
+
+
+class PrivacyAuditError(RuntimeError):
+    """A privacy audit found an ε lower bound above the claimed ε: the mechanism does not deliver its claim (or,
+    with probability at most ``1 − confidence``, the audit was unlucky). Raised by :mod:`lightning_dp.audit`.
+
+    Attributes:
+        epsilon_lower_bound: the audited lower bound.
+        claimed_epsilon: the ε the run claims.
+    """
+
+    def __init__(self, message: str, epsilon_lower_bound: float = 0.0, claimed_epsilon: float = 0.0) -> None:
+        super().__init__(message)
+        self.epsilon_lower_bound = epsilon_lower_bound
+        self.claimed_epsilon = claimed_epsilon

@@ -6,8 +6,10 @@ with the right method takes part; no base class is needed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor, nn
 
 
 @runtime_checkable
@@ -34,6 +36,49 @@ class SplitsBudget(Protocol):
         ...
 
 
+@runtime_checkable
+class AddsToClippedSum(Protocol):
+    """A callback that adds data-independent contributions to each step's clipped sum before the noise (e.g. the
+    gradient canaries of a privacy audit, :class:`lightning_dp.audit.CanaryAudit`).
+
+    The strategy calls it on global rank 0 only, between the clipping and the noise: the clipped sum is all-reduced
+    after the noise is added on rank 0, so a contribution added on every rank would count once per rank.
+    """
+
+    def dp_add_to_clipped_sum(self, strategy: Any, step: int, summed: dict[nn.Parameter, Tensor]) -> None:
+        """Add to ``summed`` (per parameter, the fp32 clipped sum of step ``step``) in place. Each contribution must
+        be bounded by the clipping rule's sensitivity, as an example's is.
+        """
+        ...
+
+
+@runtime_checkable
+class ReportsFigures(Protocol):
+    """A callback with figures for the privacy summary (:class:`lightning_dp.callbacks.PrivacySummary`)."""
+
+    def dp_summary_figures(self, strategy: Any) -> Mapping[str, float]:
+        """Plain-number figures keyed ``<area>/<name>`` (e.g. ``audit/epsilon_lower_bound``), computed at the end of
+        fit on global rank 0.
+        """
+        ...
+
+
+def add_to_clipped_sum(callbacks: Sequence[Any], strategy: Any, step: int, summed: dict[nn.Parameter, Tensor]) -> None:
+    """Let every callback that implements :class:`AddsToClippedSum` add to step ``step``'s clipped sum (rank 0)."""
+    for cb in callbacks:
+        if isinstance(cb, AddsToClippedSum):
+            cb.dp_add_to_clipped_sum(strategy, step, summed)
+
+
+def reported_figures(callbacks: Sequence[Any], strategy: Any) -> dict[str, float]:
+    """The figures of every callback that implements :class:`ReportsFigures`, merged in callback order."""
+    out: dict[str, float] = {}
+    for cb in callbacks:
+        if isinstance(cb, ReportsFigures):
+            out.update(cb.dp_summary_figures(strategy))
+    return out
+
+
 def declared_releases(callbacks: Sequence[Any], strategy: Any, step: int) -> tuple[float, ...]:
     """The noise multipliers of everything ``callbacks`` release from step ``step``'s batch, sorted."""
     extra = [float(x) for cb in callbacks if isinstance(cb, ReleasesNoise) for x in cb.dp_release_noise(strategy, step)]
@@ -55,4 +100,13 @@ def declared_phases(callbacks: Sequence[Any], strategy: Any, planned_steps: int)
     return phases[0] if phases else []
 
 
-__all__ = ["ReleasesNoise", "SplitsBudget", "declared_phases", "declared_releases"]
+__all__ = [
+    "AddsToClippedSum",
+    "ReleasesNoise",
+    "ReportsFigures",
+    "SplitsBudget",
+    "add_to_clipped_sum",
+    "declared_phases",
+    "declared_releases",
+    "reported_figures",
+]

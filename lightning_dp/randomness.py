@@ -1,8 +1,9 @@
 """Where every random number of a private run comes from: the one place that draws seeds.
 
-Three streams feed a run: ``"sampling"`` (Poisson masks, shuffles), ``"noise"`` (the Gaussian noise of each
-released gradient), ``"histogram"`` (noise of released diagnostics) and ``"probe"`` (which items the sample-mixing
-probe draws, and when). Their roots come from the operating
+Five streams feed a run: ``"sampling"`` (Poisson masks, shuffles), ``"noise"`` (the Gaussian noise of each
+released gradient), ``"histogram"`` (noise of released diagnostics), ``"probe"`` (which items the sample-mixing
+probe draws, and when) and ``"audit"`` (the canaries of a privacy audit, :mod:`lightning_dp.audit`). Their roots
+come from the operating
 system's entropy pool, fresh for every ``fit`` and never from torch's or Python's global RNG, so
 ``seed_everything`` cannot rewind them and a resumed run cannot draw the noise or the batches of earlier steps
 again. The roots are never written to checkpoints: a published checkpoint holds nothing from which batches or
@@ -31,7 +32,7 @@ from torch import Tensor
 from lightning_dp.errors import DPMisconfigurationError
 
 #: The purposes a run draws random numbers for.
-PURPOSES = ("sampling", "noise", "histogram", "probe")
+PURPOSES = ("sampling", "noise", "histogram", "probe", "audit")
 
 
 def fresh_seed(bits: int = 63) -> int:

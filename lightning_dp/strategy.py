@@ -48,7 +48,7 @@ from lightning_dp.guards import OneTrainerOnly, check_gradients_written, refuse_
 from lightning_dp.noise import privatize
 from lightning_dp.plan import DEFAULT_DELTA, PrivacyPlan, planned_total_steps, selection_for
 from lightning_dp.probe import DEFAULT_PROBE_BUDGET, ProbeItems, ProbeSchedule, SampleMixingError, probe_items
-from lightning_dp.protocols import declared_phases, declared_releases
+from lightning_dp.protocols import add_to_clipped_sum, declared_phases, declared_releases
 from lightning_dp.randomness import RandomSource, RandomStreams
 from lightning_dp.reporting import epsilon_upper_bound, log_final, log_step, start_meter, step_metrics
 from lightning_dp.sampling import EmptyBatchCollate, split_batch
@@ -296,6 +296,11 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
     def journal_path(self) -> str | None:
         """The privacy journal of this run (known once ``fit`` has started)."""
         return self._run.journal_path
+
+    @property
+    def clipping_groups(self) -> list[tuple[str, ...]]:
+        """The parameter groups of per-layer clipping (names; each bounded by C/√L), known once ``fit`` has started."""
+        return self._engine.clipping_groups if self._engine is not None else []
 
     def planned_segments(self, start: int, count: int) -> list[MechanismSegment]:
         """The ledger events that steps ``start .. start + count - 1`` will record if they run as planned.
@@ -604,7 +609,10 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         losses, norms, last_output = self._clip_micro_batches(micro_batches, rest, kwargs)
         self._buffers.check(module, before)
         self._probe.stepped(time.perf_counter() - started)
-        self._pending = self._reduce_and_noise(self._engine.pop_summed())
+        summed = self._engine.pop_summed()
+        if self.global_rank == 0:  # data-independent additions (audit canaries): once, before the noise
+            add_to_clipped_sum(module.trainer.callbacks, self, self._plan.released_steps, summed)
+        self._pending = self._reduce_and_noise(summed)
         self._last_norms = norms
         metrics = step_metrics(self._plan, self._epsilon_upper_bound(), sensitivity(self.max_grad_norm, self.clipping))
         log_step(module, metrics, norms if self.log_clip_fraction else None, self.max_grad_norm)

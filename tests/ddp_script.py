@@ -50,6 +50,15 @@ def main():
         ds = TensorDataset(torch.zeros(400, 50), torch.randint(0, 40, (400,)))
         strategy = DPStrategy(noise_multiplier=2.0, max_grad_norm=1.5)
         global_batch, max_steps = 20, 1
+    elif mode == "audit":  # zero data, q = 1, negligible noise: the update is the audit's canaries alone
+        from lightning_dp.audit import CanaryAudit
+
+        net = nn.Linear(50, 40, bias=False)
+        model = ClassifierModule(net, lr=1.0)
+        ds = TensorDataset(torch.zeros(40, 50), torch.randint(0, 40, (40,)))
+        strategy = DPStrategy(noise_multiplier=1e-7, max_grad_norm=1.5)
+        callbacks.append(CanaryAudit(num_canaries=100, seed=4, on_violation="warn"))
+        global_batch, max_steps = 40, 2
     elif mode in ("exact", "exact_per_layer"):  # q = 1 and negligible noise: the update is deterministic
         net = mlp()
         model = ClassifierModule(net, lr=0.1)

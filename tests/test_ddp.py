@@ -43,6 +43,18 @@ def test_two_ranks_equal_one_process_without_noise(tmp_path, mode):
         assert torch.allclose(p2, p1, atol=1e-5)
 
 
+def test_audit_canaries_are_added_once_not_once_per_rank(tmp_path):
+    """Zero data and q = 1: the update is the "in" canaries' clipped contributions (C = 1.5 each, lr 1, B = 40) on
+    their coordinates; with two ranks it equals one process (canaries added on rank 0 only, before the all-reduce)."""
+    two = run(tmp_path, "audit", 2)
+    one = run(tmp_path, "audit", 1)[0]
+    moved = (one["after"][0] - one["before"][0]).abs()
+    assert 20 < int((moved > 1e-3).sum()) < 80  # about half of the 100 canaries are "in"
+    assert moved.max().item() == pytest.approx(2 * 1.5 / 40, rel=1e-3)  # two steps, each C/B (not 2·C/B)
+    assert torch.allclose(two[0]["after"][0], one["after"][0], atol=1e-6)
+    assert torch.equal(two[0]["after"][0], two[1]["after"][0])
+
+
 def test_training_keeps_ranks_identical_and_ledger_matches(tmp_path):
     ranks = run(tmp_path, "train", 2)
     for a, b in zip(ranks[0]["after"], ranks[1]["after"]):

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_dp.callbacks._utils import require_dp_strategy
+from lightning_dp.protocols import reported_figures
 
 if TYPE_CHECKING:
     from lightning_dp.strategy import DPStrategy
@@ -65,10 +66,11 @@ def _num(value: float) -> str:
 def format_privacy_summary(
     summary: dict[str, Any], strategy: DPStrategy | None = None, title: str = "lightning_dp: privacy summary"
 ) -> str:
-    """A readable table of :func:`privacy_summary`'s figures (and, when present, the throughput keys ``perf/...``).
+    """A readable table of :func:`privacy_summary`'s figures (and, when present, an audit's ``audit/...`` keys and the
+    throughput keys ``perf/...``).
 
     Args:
-        summary: the figures (``dp/...`` and ``perf/...`` keys).
+        summary: the figures (``dp/...``, ``audit/...`` and ``perf/...`` keys).
         strategy: the run's strategy, for the σ of each budget phase, B, N and the clipping rule (optional).
         title: the table's first line.
 
@@ -117,6 +119,12 @@ def format_privacy_summary(
         rows.append(("ε by mechanism", ", ".join(f"{name} {_num(eps)}" for name, eps in mechanisms.items())))
     if "nonprivate/buffers" in summary:
         rows.append(("not private", f"buffers {summary['nonprivate/buffers']} (statistics of the data, no noise)"))
+    if "audit/epsilon_lower_bound" in summary:
+        audited = f"{_num(summary['audit/epsilon_lower_bound'])}"
+        if "audit/confidence" in summary:
+            audited += f"  (lower bound at {summary['audit/confidence']:.0%} confidence"
+            audited += f", {int(summary['audit/num_canaries'])} canaries)" if "audit/num_canaries" in summary else ")"
+        rows.append(("audited ε ≥", audited))
     if "perf/samples_per_second" in summary:
         rows.append(
             (
@@ -133,7 +141,9 @@ class PrivacySummary(Callback):
     """At the end of fit, print the run's privacy figures as a table and write them to every logger.
 
     The figures of :func:`privacy_summary` (final ε at δ, σ — of each phase when the budget was split —, q, C, steps
-    taken and planned, ε of each mechanism) and the training throughput of this fit go
+    taken and planned, ε of each mechanism), the figures of callbacks that report some
+    (:class:`lightning_dp.protocols.ReportsFigures`, e.g. the audited lower bound of
+    :class:`lightning_dp.audit.CanaryAudit`) and the training throughput of this fit go
 
     - to the console, once, on global rank zero, as the table of :func:`format_privacy_summary` (through Lightning's
       ``rank_zero_info``; ``print_table=False`` turns it off);
@@ -210,7 +220,8 @@ class PrivacySummary(Callback):
         if not trainer.is_global_zero:
             return
         strategy = require_dp_strategy(trainer, self)
-        self.summary = {**privacy_summary(strategy, self.delta), **self._throughput(strategy)}
+        figures = reported_figures(trainer.callbacks, strategy)  # e.g. an audit's lower bound
+        self.summary = {**privacy_summary(strategy, self.delta), **figures, **self._throughput(strategy)}
         for logger in trainer.loggers:
             logger.log_hyperparams(self.summary)
             if isinstance(logger, WandbLogger):
