@@ -1,7 +1,9 @@
 """Batch selection: how each step's examples are chosen, paired with the ledger event that choice implies.
 
-As JAX Privacy's batch-selection objects, each selection owns both its sampler and its accounting rule, so the
-strategy never branches on the sampling mode:
+Each selection owns its sampler (which examples each step draws) and the ledger event that choice implies, so the
+strategy never branches on the sampling mode. (JAX Privacy splits these: its batch selections only iterate batches,
+and the DP event lives in its execution plan; here one object keeps the two from drifting apart.) The samplers are
+below their policies:
 
 - :class:`PoissonSelection` (the default): every example is in each step independently with probability q; each
   step is one Poisson-subsampled Gaussian release (σ, q).
@@ -15,15 +17,16 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
+import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import Sampler
 
 from lightning_dp.accounting import Accountant, MechanismSegment, calibrate_noise_multiplier
 from lightning_dp.errors import DPMisconfigurationError
-from lightning_dp.sampling import PoissonBatchSampler, ShuffleBatchSampler, SourceOf
+from lightning_dp.randomness import RandomSource, fresh_seed, stream_source
 
 #: ``step -> the noise multiplier of everything released from that step's batch`` (σ combined with the
 #: multipliers of the statistics that callbacks release from the same batch).
@@ -279,4 +282,163 @@ class ShuffleSelection(BatchSelection):
 SELECTIONS: dict[str, type[BatchSelection]] = {"poisson": PoissonSelection, "shuffle": ShuffleSelection}
 
 
-__all__ = ["SELECTIONS", "BatchSelection", "PoissonSelection", "ShuffleSelection"]
+# ---------------------------------------------------------------------------------------------- samplers
+# Opacus has a Poisson sampler, but its distributed variant skips empty local batches (ranks then hang on
+# collectives) and draws the same mask on every rank when the global RNG is seeded alike. These samplers always yield
+# a batch (possibly empty) on every rank and step, and draw each step's mask from that step's own random source
+# (lightning_dp.randomness): fresh OS entropy per fit by default, so a resumed run never replays earlier batches.
+#: ``(step, rank) -> RandomSource``: the sampling randomness of one step.
+SourceOf = Callable[[int, int], RandomSource]
+
+
+def _default_sources(seed: int | None) -> SourceOf:
+    root = fresh_seed() if seed is None else int(seed)
+    return lambda step, rank: stream_source(root, "sampling", step, rank)
+
+
+class _StepSampler(Sampler[list[int]]):
+    """Shared by the samplers: where each yielded batch's global step index comes from.
+
+    ``position()`` is read when an iteration starts: the number of steps taken so far (the strategy passes its
+    count of released steps, which a resume restores before any batch is drawn). Without it the sampler counts the
+    batches it has yielded itself, so its epochs differ and never repeat.
+    """
+
+    def __init__(self, source_of: SourceOf, position: Callable[[], int] | None) -> None:
+        self._source_of = source_of
+        self._position = position
+        self._yielded = 0
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Record the epoch (called by Lightning); batches are keyed by global step, not by epoch."""
+        self.epoch = epoch
+
+    def _start(self) -> int:
+        return self._position() if self._position is not None else self._yielded
+
+    def _steps(self, count: int) -> Iterator[int]:
+        start = self._start()
+        for step in range(start, start + count):
+            self._yielded = step + 1
+            yield step
+
+
+class PoissonBatchSampler(_StepSampler):
+    """Yields Poisson-subsampled batches: each example is included in each step independently with probability q.
+
+    Under DDP, the dataset is split into ``num_replicas`` disjoint shards (``rank::num_replicas``) and each rank
+    draws its shard's inclusion mask from its own random source, so across all ranks every example of the dataset is
+    included independently with probability ``sample_rate``; the global batch size is ``Binomial(N, q)``.
+
+    Args:
+        num_samples: N, the size of the dataset.
+        sample_rate: q, the inclusion probability of each example in each step.
+        steps_per_epoch: how many batches one epoch yields (empty batches included).
+        num_replicas: number of ranks sharing the dataset.
+        rank: this rank.
+        seed: a fixed sampling seed (tests only: anyone who knows it can rebuild the batches); default: fresh OS
+            entropy. Ignored when ``source_of`` is given.
+        source_of: ``(step, rank) -> RandomSource`` (the strategy passes its run's streams).
+        position: the global index of the next step, read when an iteration starts.
+
+    Example:
+        >>> sampler = PoissonBatchSampler(num_samples=1000, sample_rate=0.064, steps_per_epoch=16)
+        >>> len(sampler)
+        16
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        sample_rate: float,
+        steps_per_epoch: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int | None = None,
+        source_of: SourceOf | None = None,
+        position: Callable[[], int] | None = None,
+    ) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}.")
+        if not (0 < sample_rate <= 1):
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}.")
+        if not (0 <= rank < num_replicas):
+            raise ValueError(f"rank {rank} is out of range for {num_replicas} replicas.")
+        super().__init__(source_of or _default_sources(seed), position)
+        self.num_samples = num_samples
+        self.sample_rate = sample_rate
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.num_replicas = num_replicas
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        shard = torch.arange(self.rank, self.num_samples, self.num_replicas)
+        for step in self._steps(self.steps_per_epoch):
+            mask = self._source_of(step, self.rank).uniform(len(shard)) < self.sample_rate
+            yield shard[mask].tolist()
+
+
+class ShuffleBatchSampler(_StepSampler):
+    """Fixed-size batches of a random permutation (each example once per pass). Used only on explicit opt-out.
+
+    This is *not* Poisson sampling: the accountant then claims no amplification by subsampling. Every iteration is
+    a new *pass* over a fresh permutation; :attr:`passes` counts them and :attr:`pass_start` is the global step of
+    the current pass's first batch (a resumed run starts a new pass, which the ledger charges again).
+
+    Args:
+        num_samples: N, the size of the dataset.
+        batch_size: the per-rank batch size.
+        num_replicas: number of ranks sharing the dataset.
+        rank: this rank.
+        seed: a fixed shuffling seed (tests only); default: fresh OS entropy. Ignored when ``source_of`` is given.
+        source_of: ``(step, rank) -> RandomSource``; the permutation of a pass comes from its first step's source
+            on rank 0 (the same on every rank).
+        position: the global index of the next step, read when an iteration starts.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int | None = None,
+        source_of: SourceOf | None = None,
+        position: Callable[[], int] | None = None,
+    ) -> None:
+        super().__init__(source_of or _default_sources(seed), position)
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        #: number of passes started, and the global step of the current pass's first batch
+        self.passes = 0
+        self.pass_start = -1
+        # Every rank yields the same number of batches, so no rank waits on a collective that never comes.
+        self._steps_per_pass = math.ceil(math.ceil(num_samples / num_replicas) / batch_size)
+
+    def __len__(self) -> int:
+        return self._steps_per_pass
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self._start()
+        perm = self._source_of(start, 0).permutation(self.num_samples)[self.rank :: self.num_replicas].tolist()
+        self.passes += 1
+        self.pass_start = start
+        for i, _ in enumerate(self._steps(self._steps_per_pass)):
+            yield perm[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+__all__ = [
+    "SELECTIONS",
+    "BatchSelection",
+    "PoissonBatchSampler",
+    "PoissonSelection",
+    "ShuffleBatchSampler",
+    "ShuffleSelection",
+    "SourceOf",
+]

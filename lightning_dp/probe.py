@@ -39,8 +39,8 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import Tensor, nn
 
 from lightning_dp.errors import DPMisconfigurationError
+from lightning_dp.microbatches import batch_size_of, slice_batch
 from lightning_dp.randomness import RandomSource
-from lightning_dp.sampling import batch_size_of, slice_batch
 
 #: how many raw items the probe collates
 PROBE_EXAMPLES = 8

@@ -45,13 +45,13 @@ from lightning_dp.clipping import ClippingMode, sensitivity
 from lightning_dp.engine import build_engine
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError
 from lightning_dp.guards import OneTrainerOnly, check_gradients_written, refuse_accumulation, trainable_set_changed
+from lightning_dp.microbatches import EmptyBatchCollate, split_batch
 from lightning_dp.noise import privatize
 from lightning_dp.plan import DEFAULT_DELTA, PrivacyPlan, planned_total_steps, selection_for
 from lightning_dp.probe import DEFAULT_PROBE_BUDGET, ProbeItems, ProbeSchedule, SampleMixingError, probe_items
 from lightning_dp.protocols import add_to_clipped_sum, declared_phases, declared_releases
 from lightning_dp.randomness import RandomSource, RandomStreams
 from lightning_dp.reporting import epsilon_upper_bound, log_final, log_step, start_meter, step_metrics
-from lightning_dp.sampling import EmptyBatchCollate, split_batch
 from lightning_dp.validation import (
     loss_of,
     validate_module,

@@ -1,9 +1,11 @@
 """Poisson sampling statistics and batch splitting."""
 
+import pytest
 import torch
 from scipy import stats
 
-from lightning_dp.sampling import EmptyBatchCollate, PoissonBatchSampler, split_batch
+from lightning_dp.batch_selection import PoissonBatchSampler
+from lightning_dp.microbatches import EmptyBatchCollate, split_batch
 
 
 def test_poisson_batch_sizes_are_binomial():
@@ -59,3 +61,12 @@ def test_empty_collate_and_split():
     assert [s for _, s in parts] == [4, 4, 2]
     assert parts[2][0]["names"] == ["8", "9"] and parts[1][0]["x"].tolist() == [4, 5, 6, 7]
     assert split_batch((torch.zeros(0, 2), torch.zeros(0)), 4) == []
+
+
+def test_the_old_sampling_module_still_imports_with_a_deprecation_warning():
+    import lightning_dp.sampling as old
+
+    with pytest.warns(DeprecationWarning, match="moved to lightning_dp.microbatches"):
+        assert old.split_batch is split_batch
+    with pytest.warns(DeprecationWarning, match="moved to lightning_dp.batch_selection"):
+        assert old.PoissonBatchSampler is PoissonBatchSampler
