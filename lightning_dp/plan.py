@@ -66,6 +66,16 @@ def planned_total_steps(
     return min(options) if options else None
 
 
+def _unset_message(target_epsilon: float | None, noise_multiplier: float | None) -> str:
+    return (
+        "Give exactly one of target_epsilon (σ is then calibrated for the run) and noise_multiplier (ε is then reported"
+        f" as it grows); got target_epsilon={target_epsilon}, noise_multiplier={noise_multiplier}. For example"
+        " Trainer(strategy=DPStrategy(target_epsilon=3.0)); Trainer(strategy='dp') builds DPStrategy() without either,"
+        " so give them in the constructor (with LightningCLI: --trainer.strategy=lightning_dp.DPStrategy"
+        " --trainer.strategy.target_epsilon=3.0)."
+    )
+
+
 class PrivacyPlan:
     """q, the planned steps, the σ schedule (with budget phases), σ calibration and the ledger of one private run.
 
@@ -97,12 +107,8 @@ class PrivacyPlan:
         noise_multiplier: float | None = None,
         accountant: Accountant | None = None,
     ) -> None:
-        if (target_epsilon is None) == (noise_multiplier is None):
-            raise DPMisconfigurationError(
-                "Give exactly one of target_epsilon (σ is then calibrated for the run) and noise_multiplier (ε is"
-                f" then reported as it grows); got target_epsilon={target_epsilon},"
-                f" noise_multiplier={noise_multiplier}."
-            )
+        if target_epsilon is not None and noise_multiplier is not None:
+            raise DPMisconfigurationError(_unset_message(target_epsilon, noise_multiplier))
         if target_epsilon is not None and not (target_epsilon > 0 and math.isfinite(target_epsilon)):
             raise PrivacyTargetError(f"target_epsilon must be a positive finite number, got {target_epsilon}.")
         if noise_multiplier is not None and not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
@@ -111,6 +117,8 @@ class PrivacyPlan:
             raise DPMisconfigurationError(f"target_delta must be in (0, 1), got {delta}.")
         self.selection = selection if selection is not None else PoissonSelection()
         self.target_epsilon = target_epsilon
+        #: whether one of target_epsilon and noise_multiplier was given (a plan without either cannot be scheduled)
+        self.configured = target_epsilon is not None or noise_multiplier is not None
         self.delta = float(delta)
         self.fixed_noise_multiplier = noise_multiplier
         self.ledger = PrivacyLedger(accountant=accountant)
@@ -124,6 +132,15 @@ class PrivacyPlan:
         self._restored: dict[str, Any] = {}
         self._bound: tuple[int, int] | None = None
         self._key: list[Any] | None = None
+
+    def require_configured(self) -> None:
+        """Raise unless one of ``target_epsilon`` and ``noise_multiplier`` was given.
+
+        Raises:
+            DPMisconfigurationError: naming both and what each does.
+        """
+        if not self.configured:
+            raise DPMisconfigurationError(_unset_message(None, None))
 
     # ------------------------------------------------------------------ data
     def bind(self, num_samples: int, batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
@@ -213,6 +230,7 @@ class PrivacyPlan:
                 cannot be met (the budget is spent, or σ above the accountant's maximum would be needed).
             DPMisconfigurationError: for invalid budget phases.
         """
+        self.require_configured()
         self._extras_of = extras_of or _no_extras
         self.planned_steps = planned_steps
         if self.target_epsilon is None:

@@ -29,7 +29,7 @@ from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -136,6 +136,14 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
     """
 
     strategy_name = "dp"
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        """Register ``Trainer(strategy="dp")`` (the privacy parameters still have to be given: see ``__init__``)."""
+        strategy_registry.register(
+            cls.strategy_name, cls, description="Differentially private training (lightning_dp)", override=True
+        )
 
     def __init__(
         self,
@@ -379,6 +387,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
                 _sync_module_states(self.model)
             self.setup_precision_plugin()
             return
+        self._plan.require_configured()
         validate_trainer(trainer, self.precision_plugin.precision)
         validate_module(module)
         self._buffers.bind(module)
@@ -857,5 +866,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             return tensor
         return super().reduce(tensor, group=group, reduce_op=reduce_op)
 
+
+DPStrategy.register_strategies(StrategyRegistry)
 
 __all__ = ["DPStrategy"]

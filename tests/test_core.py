@@ -82,7 +82,9 @@ def test_target_plan_with_joint_releases_and_phases():
 
 def test_plan_errors():
     with pytest.raises(DPMisconfigurationError, match="exactly one"):
-        PrivacyPlan()
+        PrivacyPlan(target_epsilon=1.0, noise_multiplier=1.0)
+    with pytest.raises(DPMisconfigurationError, match="exactly one"):
+        PrivacyPlan().schedule(planned_steps=10)  # neither: nothing can be scheduled
     with pytest.raises(PrivacyTargetError, match="finite"):
         PrivacyPlan(target_epsilon=math.inf)
     plan = PrivacyPlan(target_epsilon=1.0)

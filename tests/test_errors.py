@@ -25,8 +25,17 @@ def _fit(strategy=None, model=None, data=None, **kw):
 def test_both_or_neither_of_target_and_noise():
     with pytest.raises(DPMisconfigurationError, match="exactly one"):
         DPStrategy(target_epsilon=1.0, noise_multiplier=1.0)
-    with pytest.raises(DPMisconfigurationError, match="exactly one"):
-        DPStrategy()
+    with pytest.raises(DPMisconfigurationError, match="exactly one.*DPStrategy\\(target_epsilon"):
+        _fit(DPStrategy())  # constructible (Trainer(strategy="dp") builds it), refused before any step
+
+
+def test_trainer_strategy_dp_gives_a_dp_strategy():
+    import lightning as L
+
+    t = L.Trainer(strategy="dp", accelerator="cpu", devices=1, logger=False)
+    assert isinstance(t.strategy, DPStrategy)
+    with pytest.raises(DPMisconfigurationError, match="strategy='dp'"):
+        t.fit(_NoStep(mlp()), loader(tensor_data(), 20))
 
 
 def test_batchnorm_points_to_module_validator():
