@@ -46,7 +46,7 @@ from lightning_dp.guards import OneTrainerOnly, check_gradients_written, refuse_
 from lightning_dp.noise import privatize
 from lightning_dp.plan import DEFAULT_DELTA, PrivacyPlan, planned_total_steps, selection_for
 from lightning_dp.probe import probe_training_step
-from lightning_dp.protocols import declared_phases, declared_releases
+from lightning_dp.protocols import declared_clipping_bounds, declared_phases, declared_releases
 from lightning_dp.randomness import RandomSource, RandomStreams
 from lightning_dp.reporting import epsilon_upper_bound, log_final, log_step, start_meter, step_metrics
 from lightning_dp.sampling import EmptyBatchCollate, split_batch
@@ -57,6 +57,7 @@ from lightning_dp.validation import (
     validate_options,
     validate_trainer,
     validate_training_loader,
+    validate_value,
 )
 
 _STATE_KEY = "lightning_dp"
@@ -203,6 +204,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         self._pending: dict[torch.nn.Parameter, Tensor] | None = None
         self._written: dict[torch.nn.Parameter, Tensor] = {}
         self._last_norms: Tensor | None = None
+        self._last_group_norms: Tensor | None = None
         self._probe_pending = False
         self._nonfinite_total = 0
         self._stopped_reason: str | None = None
@@ -260,6 +262,19 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         ``dp_release_noise`` (:class:`lightning_dp.protocols.ReleasesNoise`), or labelled as a non-private diagnostic.
         """
         return self._last_norms
+
+    @property
+    def last_per_group_norms(self) -> Tensor | None:
+        """Under per-layer clipping: this rank's per-sample norms of each clipping group (shape ``(b, L)``, columns in
+        the order of :attr:`clipping_groups`) for the last logical batch; None otherwise. Private, as
+        :attr:`last_per_sample_norms`.
+        """
+        return self._last_group_norms
+
+    @property
+    def clipping_groups(self) -> list[tuple[str, ...]]:
+        """The parameter groups of per-layer clipping (parameter names; known once ``fit`` has set up)."""
+        return [] if self._engine is None else self._engine.clipping_groups
 
     @property
     def last_release_step(self) -> int:
@@ -536,12 +551,14 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         module = self.lightning_module
         batch, rest = args[0], args[1:]
         micro_batches = split_batch(batch, self.max_physical_batch_size)
+        self._set_clipping_bound()
         if self._probe_pending:  # does any example's gradient depend on another's input?
             run = lambda b: self._run_user_step(b, rest, kwargs)[1]  # noqa: E731
             self._probe_pending = not probe_training_step(module, self._engine, run, batch)
-        losses, norms, last_output = self._clip_micro_batches(micro_batches, rest, kwargs)
+        losses, norms, group_norms, last_output = self._clip_micro_batches(micro_batches, rest, kwargs)
         self._pending = self._reduce_and_noise(self._engine.pop_summed())
         self._last_norms = norms
+        self._last_group_norms = group_norms
         metrics = step_metrics(self._plan, self._epsilon_upper_bound(), sensitivity(self.max_grad_norm, self.clipping))
         log_step(module, metrics, norms if self.log_clip_fraction else None, self.max_grad_norm)
         n = sum(size for _, size in micro_batches)
@@ -550,6 +567,19 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             return {**last_output, "loss": mean_loss}
         return mean_loss
 
+    def _set_clipping_bound(self) -> None:
+        """Stage 0: the step's clipping bound(s), from a callback that adapts them (else ``max_grad_norm``)."""
+        per_layer = self.clipping == "per_layer"
+        groups = self._engine.clipping_groups if per_layer else None
+        callbacks = self.lightning_module.trainer.callbacks
+        adapted = declared_clipping_bounds(callbacks, self, self._plan.released_steps, groups)
+        group_bounds = None
+        if adapted is not None:
+            c, group_bounds = adapted
+            validate_value("max_grad_norm", c)
+            self.max_grad_norm = float(c)
+        self._engine.set_clipping_bound(self.max_grad_norm, group_bounds if per_layer else None)
+
     def _run_user_step(self, micro: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Tensor]:
         with self.precision_plugin.train_step_context():
             output = self.lightning_module.training_step(micro, *rest, **kwargs)
@@ -557,22 +587,26 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
 
     def _clip_micro_batches(
         self, micro_batches: list[tuple[Any, int]], rest: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[list[Tensor], Tensor, Any]:
+    ) -> tuple[list[Tensor], Tensor, Tensor | None, Any]:
         """Stages 1–2: the user's forward and backward per micro-batch, then per-sample clipping into the sum."""
         engine = self._engine
         losses: list[Tensor] = []
         norms: list[Tensor] = []
+        group_norms: list[Tensor] = []
         last_output: Any = None
         for micro, size in micro_batches:
             with engine.capture(size):
                 output, loss = self._run_user_step(micro, rest, kwargs)
                 loss.backward()
             norms.append(engine.clip_and_accumulate(self.max_grad_norm, self.clipping))
+            if engine.last_group_norms is not None:
+                group_norms.append(engine.last_group_norms)
             losses.append(loss.detach().float() * size)
             last_output = output
         self._count_nonfinite(engine.pop_nonfinite())
         all_norms = torch.cat(norms) if norms else torch.zeros(0, device=self.root_device)
-        return losses, all_norms, last_output
+        all_group_norms = torch.cat(group_norms) if group_norms else None
+        return losses, all_norms, all_group_norms, last_output
 
     def _count_nonfinite(self, bad: int) -> None:
         if bad:
