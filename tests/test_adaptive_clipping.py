@@ -3,8 +3,10 @@ noises with its own C_t, per-layer bounds per group, both engines, micro-batchin
 """
 
 import math
+from dataclasses import replace
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from dp_accounting import dp_event
@@ -18,7 +20,7 @@ import lightning_dp.callbacks.adaptive_clipping as adaptive_module
 import lightning_dp.strategy as strategy_module
 from lightning_dp import DPStrategy
 from lightning_dp.accounting import calibrate_noise_multiplier, compute_epsilon
-from lightning_dp.callbacks import AdaptiveClipping, quantile_update
+from lightning_dp.callbacks import AdaptiveClipping, GradNormHistogram, NormHistogram, quantile_update
 from lightning_dp.callbacks.adaptive_clipping import count_below
 from lightning_dp.engine import ENGINES
 from lightning_dp.errors import DPMisconfigurationError
@@ -302,3 +304,20 @@ def test_resume_continues_with_the_adapted_bound_exactly_like_an_uninterrupted_r
     assert ada_full.max_grad_norm != pytest.approx(0.1, rel=1e-3)
     state = torch.load(ckpt, weights_only=True)["callbacks"]["AdaptiveClipping"]
     assert state["updated_step"] == 2
+
+
+def test_histograms_estimate_the_clip_fraction_at_a_bound_that_moved():
+    hist = NormHistogram(step=0, edges=(1.0, 2.0, 4.0), counts=np.array([0.0, 2.0, 2.0, 0.0]), max_grad_norm=2.0,
+                         private=True)  # fmt: skip
+    assert hist.clip_fraction() == 0.5  # C is an edge: exact
+    assert replace(hist, max_grad_norm=math.sqrt(8.0)).clip_fraction() == pytest.approx(0.25)  # geometric midpoint
+    assert replace(hist, max_grad_norm=0.5).clip_fraction() == 1.0  # below every norm
+    assert replace(hist, max_grad_norm=8.0).clip_fraction() == 0.0  # the overflow bin is empty
+    s = DPStrategy(noise_multiplier=1.0)
+    grad_hist = GradNormHistogram(log_every_n_steps=1)
+    trainer(s, max_steps=3, callbacks=[AdaptiveClipping(), grad_hist]).fit(
+        ClassifierModule(mlp()), loader(tensor_data(), 20)
+    )
+    release = grad_hist.last_release
+    assert release.max_grad_norm == s.max_grad_norm != 1.0 and release.max_grad_norm not in release.edges
+    assert 0.0 <= release.clip_fraction() <= 1.0
