@@ -49,9 +49,9 @@ def test_update_converges_to_the_target_quantile_of_a_fixed_norm_distribution(ga
     c, trace = start, []
     for _ in range(steps):
         norms = torch.exp(torch.randn(batch, generator=g) * 0.7 + 1.0)  # log-normal: quantile exp(1 + 0.7 z_γ)
-        count = count_below(norms, torch.tensor([c], dtype=torch.float64))
-        noisy = float(count) + float(torch.randn((), generator=g)) * sigma_b
-        c = quantile_update(c, noisy / batch, gamma, 0.2)
+        centred = float(count_below(norms, torch.tensor([c], dtype=torch.float64))) - batch / 2
+        noisy = centred + float(torch.randn((), generator=g)) * sigma_b
+        c = quantile_update(c, noisy / batch + 0.5, gamma, 0.2)
         trace.append(c)
     truth = math.exp(1.0 + 0.7 * torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(gamma)).item())
     settled = torch.tensor(trace[-150:])
@@ -83,7 +83,8 @@ def test_count_noise_is_one_joint_gaussian_in_the_ledger_and_in_epsilon():
     trainer(s, max_steps=10, callbacks=[AdaptiveClipping(count_noise_multiplier=2.0)]).fit(
         ClassifierModule(mlp()), loader(tensor_data(), 20)
     )
-    joint = (1.0**-2 + 2.0**-2) ** -0.5
+    # the centred count Σ(1[‖g‖ ≤ C] − 1/2) moves by ≤ 1/2 per example: noise std 2 is a Gaussian of multiplier 4
+    joint = (1.0**-2 + (2.0 / 0.5) ** -2) ** -0.5
     assert [(seg.noise_multiplier, seg.sample_rate, seg.steps) for seg in s.ledger.segments] == [
         (pytest.approx(joint, rel=1e-12), 0.1, 10)
     ]
@@ -99,7 +100,7 @@ def test_sigma_is_calibrated_to_pay_for_the_count_under_target_epsilon():
     sigma = s.noise_multiplier
     assert ada.count_noise_std(s) == pytest.approx(2.0)
     assert [(seg.noise_multiplier, seg.steps) for seg in s.ledger.segments] == [
-        (pytest.approx(joint_multiplier(sigma, 2.0), rel=1e-12), 10)
+        (pytest.approx(joint_multiplier(sigma, 2.0 / 0.5), rel=1e-12), 10)
     ]
     assert s.epsilon <= 3.0
     assert sigma > calibrate_noise_multiplier(3.0, DELTA, 0.2, 10) * 1.05
@@ -168,8 +169,9 @@ def test_each_step_clips_and_noises_with_its_own_adapted_bound(monkeypatch, engi
         exact, noisy, std = spy.counts[t]
         assert std == 0.5
         # the count covers the whole logical batch (all micro-batches), at that step's bound
-        assert exact.tolist() == [float((norms.flat[t] <= bounds[t]).sum())]
-        expected = quantile_update(bounds[t], float(noisy) / s.plan.expected_batch_size, 0.5, 0.2)
+        n = norms.flat[t].numel()
+        assert exact.tolist() == [float((norms.flat[t] <= bounds[t]).sum()) - n / 2]
+        expected = quantile_update(bounds[t], float(noisy) / s.plan.expected_batch_size + 0.5, 0.5, 0.2)
         assert bounds[t + 1] == pytest.approx(expected, rel=1e-12)
         assert bounds[t + 1] > bounds[t]  # all norms ≫ C_0: the bound grows towards the median
     assert ada.max_grad_norm > bounds[-1]
@@ -216,9 +218,9 @@ def test_per_layer_bounds_follow_each_groups_quantile_and_declare_root_l_sensiti
 
     groups = s.clipping_groups
     assert len(groups) == 2
-    # two counts of sensitivity 1 each: L2 sensitivity √2, declared as σ_b/√2
+    # two centred counts, each moved by ≤ 1/2: L2 sensitivity √2/2, declared as 2σ_b/√2
     assert [(seg.noise_multiplier, seg.steps) for seg in s.ledger.segments] == [
-        (pytest.approx(joint_multiplier(1.0, 3.0 / math.sqrt(2)), rel=1e-12), 6)
+        (pytest.approx(joint_multiplier(1.0, 3.0 / (0.5 * math.sqrt(2))), rel=1e-12), 6)
     ]
     steps = []
     it = iter(spy.clip_bounds)
@@ -231,9 +233,10 @@ def test_per_layer_bounds_follow_each_groups_quantile_and_declare_root_l_sensiti
         assert c == pytest.approx(math.sqrt(sum(b * b for b in bounds)), rel=1e-12)
         assert std == pytest.approx(1.0 * c, rel=1e-12)
         exact, noisy, _ = spy.counts[t]
-        assert exact.tolist() == (norms.groups[t] <= torch.tensor(bounds)).sum(0).double().tolist()
+        n = norms.flat[t].numel()
+        assert exact.tolist() == ((norms.groups[t] <= torch.tensor(bounds)).sum(0).double() - n / 2).tolist()
         if t + 1 < len(steps):
-            fractions = (noisy / s.plan.expected_batch_size).tolist()
+            fractions = (noisy / s.plan.expected_batch_size + 0.5).tolist()
             expected = [quantile_update(b, f, 0.5, 0.2) for b, f in zip(bounds, fractions)]
             assert list(steps[t + 1][1]) == pytest.approx(expected, rel=1e-12)
     # the per-group norms the count used are the per-group norms of the logical batch

@@ -79,6 +79,6 @@ def test_adaptive_clipping_on_two_ranks_counts_the_global_batch_like_one_process
     for p2, p1 in zip(two[0]["after"], one["after"]):
         assert torch.allclose(p2, p1, atol=1e-5)
     groups = 2 if mode == "adaptive_per_layer" else 1
-    joint = combine_noise_multipliers(1e-7, 2.0 / groups**0.5)
+    joint = combine_noise_multipliers(1e-7, 2.0 / (0.5 * groups**0.5))  # centred counts: sensitivity √L/2
     assert two[0]["ledger"] == two[1]["ledger"] == one["ledger"]
     assert [s["noise_multiplier"] for s in one["ledger"]["segments"]] == [pytest.approx(joint, rel=1e-12)]

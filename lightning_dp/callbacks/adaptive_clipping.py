@@ -4,21 +4,24 @@ Andrew, Thakkar, McMahan and Ramaswamy, "Differentially private learning with ad
 After step t, clipped with bound C_t, the share of the step's examples whose norm is at most C_t is released as a
 Gaussian count, and C moves geometrically towards the target quantile γ::
 
-    b̃_t = (Σ_i 1[‖g_i‖ ≤ C_t] + N(0, σ_b²)) / B,        C_{t+1} = C_t · exp(−η_C (b̃_t − γ))
+    b̃_t = (Σ_i (1[‖g_i‖ ≤ C_t] − 1/2) + N(0, σ_b²)) / B + 1/2,        C_{t+1} = C_t · exp(−η_C (b̃_t − γ))
 
-with B the expected logical batch size (public under Poisson sampling). One example moves the count by at most 1
-(add/remove), so the count is a Gaussian mechanism with noise multiplier σ_b. It is declared to the strategy through
-:meth:`AdaptiveClipping.dp_release_noise`, so each step is recorded as one joint Gaussian mechanism with
-``(σ⁻² + σ_b⁻²)^(-1/2)`` and σ is calibrated for it under ``target_epsilon`` (as for private norm histograms). C_{t+1}
-is post-processing of the released count; the strategy asks for it before step t+1
-(:meth:`AdaptiveClipping.dp_clipping_bounds`) and clips *and* noises that step with it (noise std σ·C_{t+1}).
+with B the expected logical batch size (public under Poisson sampling; E[b̃_t] is the share of unclipped examples).
+As in the authors' implementation (TensorFlow Privacy's ``QuantileEstimatorQuery``), each example adds ±1/2 to the
+released sum rather than 0 or 1: adding or removing one example moves it by at most 1/2, so the release is a Gaussian
+mechanism with noise multiplier 2σ_b (the plain count, of sensitivity 1, would have σ_b: 4× the privacy cost in
+σ⁻² for the same noise). It is declared to the strategy through :meth:`AdaptiveClipping.dp_release_noise`, so each
+step is recorded as one joint Gaussian mechanism with ``(σ⁻² + (2σ_b)⁻²)^(-1/2)`` and σ is calibrated for it under
+``target_epsilon`` (as for private norm histograms). C_{t+1} is post-processing of the release; the strategy asks for
+it before step t+1 (:meth:`AdaptiveClipping.dp_clipping_bounds`) and clips *and* noises that step with it (noise std
+σ·C_{t+1}).
 
-Under per-layer clipping each clipping group l has its own bound C_l following its own quantile, with one count per
-group; one example moves each of the L counts by at most 1, so the vector of counts has L2 sensitivity √L and is
-declared with multiplier σ_b/√L. The step's sensitivity is then C = sqrt(Σ_l C_l²) (the noise is σ·C).
+Under per-layer clipping each clipping group l has its own bound C_l following its own quantile, with one release per
+group; one example moves each of the L sums by at most 1/2, so the vector has L2 sensitivity √L/2 and is declared
+with multiplier 2σ_b/√L. The step's sensitivity is then C = sqrt(Σ_l C_l²) (the noise is σ·C).
 
-Under DDP each rank counts its own examples; the noise is drawn once (rank 0, from the strategy's ``"noise"``
-stream of the step, after the gradient's draw) and the noised count is summed over ranks, so every rank computes the
+Under DDP each rank sums over its own examples; the noise is drawn once (rank 0, from the strategy's ``"noise"``
+stream of the step, after the gradient's draw) and the noised sum is summed over ranks, so every rank computes the
 same C. With micro-batching the count covers the whole logical batch (:attr:`DPStrategy.last_per_sample_norms`).
 """
 
@@ -40,6 +43,9 @@ from lightning_dp.noise import add_gaussian
 
 if TYPE_CHECKING:
     from lightning_dp.strategy import DPStrategy
+
+#: How far adding or removing one example moves a centred count Σ_i (1[‖g_i‖ ≤ C] − 1/2).
+COUNT_SENSITIVITY = 0.5
 
 #: Andrew et al.'s default: the count's noise std is the expected batch size over this (noise on b̃ of std 0.05).
 DEFAULT_COUNT_NOISE_DIVISOR = 20.0
@@ -109,9 +115,10 @@ class AdaptiveClipping(Callback):
     Args:
         target_quantile: γ, the share of examples that should be left unclipped (0.5: the median norm).
         learning_rate: η_C, the step of the geometric update (Andrew et al. use 0.2).
-        count_noise_multiplier: σ_b, the std of the noise on the count (the count's sensitivity is 1). Default: the
-            expected logical batch size B / 20, Andrew et al.'s choice (noise of std 0.05 on b̃). It costs privacy:
-            under ``target_epsilon`` σ is calibrated higher to pay for it; with a fixed ``noise_multiplier`` ε grows.
+        count_noise_multiplier: σ_b, the std of the noise on the (centred) count, whose sensitivity is 1/2: it is
+            accounted as a Gaussian with multiplier 2σ_b. Default: the expected logical batch size B / 20, Andrew et
+            al.'s choice (noise of std 0.05 on b̃). It costs privacy: under ``target_epsilon`` σ is calibrated higher
+            to pay for it; with a fixed ``noise_multiplier`` ε grows.
         initial_max_grad_norm: C_0 (default: the strategy's ``max_grad_norm``). Under per-layer clipping each of the
             L groups starts at C_0/√L.
 
@@ -163,11 +170,16 @@ class AdaptiveClipping(Callback):
         """The noise multiplier of the counts released from every step's batch (the strategy's protocol).
 
         Returns:
-            ``[σ_b]`` under flat clipping; ``[σ_b/√L]`` under per-layer clipping with L groups (L counts, each moved by
-            at most 1 by one example: L2 sensitivity √L).
+            ``[2σ_b]`` under flat clipping (the centred count moves by at most 1/2); ``[2σ_b/√L]`` under per-layer
+            clipping with L groups (L centred counts, each moved by at most 1/2 by one example: L2 sensitivity √L/2).
+
+        Raises:
+            RuntimeError: under per-layer clipping before the strategy knows its clipping groups.
         """
         groups = len(strategy.clipping_groups) if strategy.clipping == "per_layer" else 1
-        return [self.count_noise_std(strategy) / math.sqrt(max(groups, 1))]
+        if groups < 1:  # declaring σ_b for L unknown counts would under-charge them
+            raise RuntimeError("AdaptiveClipping: the clipping groups are not known before the strategy's setup.")
+        return [self.count_noise_std(strategy) / (COUNT_SENSITIVITY * math.sqrt(groups))]
 
     def dp_clipping_bounds(
         self, strategy: DPStrategy, step: int, groups: Sequence[tuple[str, ...]] | None
@@ -238,7 +250,8 @@ class AdaptiveClipping(Callback):
         norms = strategy.last_per_group_norms if per_layer else strategy.last_per_sample_norms
         if per_layer and norms is None:
             raise RuntimeError("AdaptiveClipping: per-layer clipping left no per-group norms for this step.")
-        fractions = self._release(strategy, count_below(norms, thresholds), step)
+        examples = 0 if norms is None else int(norms.shape[0])
+        fractions = self._release(strategy, count_below(norms, thresholds) - examples / 2, step)
         moved = [
             quantile_update(c, f, self.target_quantile, self.learning_rate)
             for c, f in zip(thresholds.tolist(), fractions.tolist())
@@ -250,15 +263,15 @@ class AdaptiveClipping(Callback):
         self._updated_step = step
         self._log(pl_module, bound, keys, bounds, float(fractions.mean()))
 
-    def _release(self, strategy: DPStrategy, counts: Tensor, step: int) -> Tensor:
-        """The noised counts summed over ranks, divided by B: noise drawn once (rank 0), then one all-reduce."""
+    def _release(self, strategy: DPStrategy, centred: Tensor, step: int) -> Tensor:
+        """b̃: the centred counts noised once (rank 0), summed over ranks (one all-reduce), over B, plus 1/2."""
         if strategy.global_rank == 0:
             # the step's "noise" stream: a further call after the gradient's draw gets an independent stream (keyed by
             # its call index), and a fixed noise_seed reproduces it (a resumed run equals an uninterrupted one)
-            add_gaussian(counts, self.count_noise_std(strategy), strategy.random_source("noise", step))
+            add_gaussian(centred, self.count_noise_std(strategy), strategy.random_source("noise", step))
         if strategy.world_size > 1:
-            counts = sum_over_ranks(strategy, counts.to(strategy.root_device)).cpu()
-        return counts / float(strategy.plan.expected_batch_size)
+            centred = sum_over_ranks(strategy, centred.to(strategy.root_device)).cpu()
+        return centred / float(strategy.plan.expected_batch_size) + 0.5
 
     @staticmethod
     def _log(
