@@ -245,6 +245,20 @@ def test_per_layer_bounds_follow_each_groups_quantile_and_declare_root_l_sensiti
     assert steps[-1][1][0] != steps[-1][1][1], "each group follows its own quantile"
 
 
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_an_empty_poisson_batch_still_releases_a_noised_count(monkeypatch, clipping):
+    spy = Spy(monkeypatch, ENGINES["ghost"].__mro__[1])
+    sizes = Norms()
+    s = DPStrategy(noise_multiplier=1.0, clipping=clipping, sampling_seed=0)
+    ada = AdaptiveClipping(count_noise_multiplier=1.0)
+    trainer(s, max_steps=8, callbacks=[ada, sizes]).fit(ClassifierModule(mlp()), loader(tensor_data(n=100), 1))
+    empty = [t for t, f in enumerate(sizes.flat) if f.numel() == 0]
+    assert empty, "q = 0.01 over 100 examples: some batches are empty"
+    assert len(spy.counts) == 8  # one release per step, empty ones included (a count of 0, noised)
+    for t in empty:
+        assert spy.counts[t][0].abs().sum() == 0
+
+
 def test_adaptive_clipping_refuses_clipping_without_a_threshold():
     s = DPStrategy(noise_multiplier=1.0, clipping="normalized")
     with pytest.raises(DPMisconfigurationError, match="clipping='flat' or 'per_layer'"):

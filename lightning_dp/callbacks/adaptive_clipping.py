@@ -248,7 +248,8 @@ class AdaptiveClipping(Callback):
         per_layer = keys is not None and bounds is not None
         thresholds = torch.tensor(bounds if per_layer else [bound], dtype=torch.float64)
         norms = strategy.last_per_group_norms if per_layer else strategy.last_per_sample_norms
-        if per_layer and norms is None:
+        flat = strategy.last_per_sample_norms
+        if per_layer and norms is None and flat is not None and flat.numel() > 0:
             raise RuntimeError("AdaptiveClipping: per-layer clipping left no per-group norms for this step.")
         examples = 0 if norms is None else int(norms.shape[0])
         fractions = self._release(strategy, count_below(norms, thresholds) - examples / 2, step)
