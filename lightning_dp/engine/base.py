@@ -235,7 +235,7 @@ class ClippingEngine(ABC):
     @property
     def clipping_groups(self) -> list[tuple[str, ...]]:
         """The parameter groups of per-layer clipping (parameter names), each bounded by ``C/√L`` with ``L`` their
-        number (:func:`lightning_dp.clipping.per_layer_bound`).
+        number (:func:`lightning_dp.clipping.per_layer_bound`), or by its own ``C_l`` (:meth:`set_clipping_bound`).
         """
         return [tuple(self.param_names.get(p, "?") for p in group) for group in self._groups]
 
@@ -649,9 +649,11 @@ class ClippingEngine(ABC):
         Args:
             max_grad_norm: C.
             clipping: ``"flat"``, ``"normalized"``, ``"automatic"`` (the norm is over all parameters together) or
-                ``"per_layer"`` (each parameter group bounded by ``C/√L``, see :attr:`clipping_groups`). After a
-                ``"per_layer"`` call, later micro-batches are clipped inside their backward pass, which needs the
-                same mode and C on every call.
+                ``"per_layer"`` (each parameter group bounded by ``C/√L``, or by the ``C_l`` of
+                :meth:`set_clipping_bound`, see :attr:`clipping_groups`; the groups' norms are then in
+                :attr:`last_group_norms`). After a ``"per_layer"`` call, later micro-batches are clipped inside their
+                backward pass, which needs the same mode and bounds on every call of a step (set new bounds with
+                :meth:`set_clipping_bound` before the next capture).
             stability: γ of automatic clipping.
 
         Returns:
