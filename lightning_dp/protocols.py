@@ -79,6 +79,24 @@ def reported_figures(callbacks: Sequence[Any], strategy: Any) -> dict[str, float
     return out
 
 
+@runtime_checkable
+class AdaptsClipping(Protocol):
+    """A callback that sets the clipping bound of each step (e.g. adaptive clipping to a quantile of the norms).
+
+    The strategy asks before every step, after all ``on_train_batch_start`` hooks (so after any change of the
+    trainable set), and clips and noises that step with the answer: the noise std is σ × the step's C.
+    """
+
+    def dp_clipping_bounds(
+        self, strategy: Any, step: int, groups: Sequence[tuple[str, ...]] | None
+    ) -> tuple[float, Sequence[float] | None]:
+        """C for step ``step`` and, under per-layer clipping (``groups``: the clipping groups' parameter names), the
+        bound of each group with ``sqrt(Σ C_l²) ≤ C`` (None: C/√L each). It must be computed from released (noised)
+        statistics only.
+        """
+        ...
+
+
 def declared_releases(callbacks: Sequence[Any], strategy: Any, step: int) -> tuple[float, ...]:
     """The noise multipliers of everything ``callbacks`` release from step ``step``'s batch, sorted."""
     extra = [float(x) for cb in callbacks if isinstance(cb, ReleasesNoise) for x in cb.dp_release_noise(strategy, step)]
@@ -100,12 +118,31 @@ def declared_phases(callbacks: Sequence[Any], strategy: Any, planned_steps: int)
     return phases[0] if phases else []
 
 
+def declared_clipping_bounds(
+    callbacks: Sequence[Any], strategy: Any, step: int, groups: Sequence[tuple[str, ...]] | None
+) -> tuple[float, Sequence[float] | None] | None:
+    """The clipping bounds of step ``step`` set by at most one of ``callbacks`` (None if none sets them).
+
+    Raises:
+        DPMisconfigurationError: if more than one callback sets the clipping bound.
+    """
+    from lightning_dp.errors import DPMisconfigurationError
+
+    setters = [cb for cb in callbacks if isinstance(cb, AdaptsClipping)]
+    if len(setters) > 1:
+        names = ", ".join(type(cb).__name__ for cb in setters)
+        raise DPMisconfigurationError(f"Only one callback may set the clipping bound; got {names}.")
+    return setters[0].dp_clipping_bounds(strategy, step, groups) if setters else None
+
+
 __all__ = [
+    "AdaptsClipping",
     "AddsToClippedSum",
     "ReleasesNoise",
     "ReportsFigures",
     "SplitsBudget",
     "add_to_clipped_sum",
+    "declared_clipping_bounds",
     "declared_phases",
     "declared_releases",
     "reported_figures",

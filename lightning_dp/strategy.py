@@ -49,7 +49,7 @@ from lightning_dp.microbatches import EmptyBatchCollate, split_batch
 from lightning_dp.noise import privatize
 from lightning_dp.plan import DEFAULT_DELTA, PrivacyPlan, planned_total_steps, selection_for
 from lightning_dp.probe import DEFAULT_PROBE_BUDGET, ProbeItems, ProbeSchedule, SampleMixingError, probe_items
-from lightning_dp.protocols import add_to_clipped_sum, declared_phases, declared_releases
+from lightning_dp.protocols import add_to_clipped_sum, declared_clipping_bounds, declared_phases, declared_releases
 from lightning_dp.randomness import RandomSource, RandomStreams
 from lightning_dp.reporting import epsilon_upper_bound, log_final, log_step, start_meter, step_metrics
 from lightning_dp.validation import (
@@ -59,6 +59,7 @@ from lightning_dp.validation import (
     validate_options,
     validate_trainer,
     validate_training_loader,
+    validate_value,
 )
 
 _STATE_KEY = "lightning_dp"
@@ -233,6 +234,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         self._probe_items: ProbeItems | None = None
         self._train_loader_key: tuple[int, int] | None = None
         self._released_in_batch = False
+        self._last_group_norms: Tensor | None = None
         self._nonfinite_total = 0
         self._stopped_reason: str | None = None
         self._planned_this_fit = False
@@ -291,6 +293,19 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         return self._last_norms
 
     @property
+    def last_per_group_norms(self) -> Tensor | None:
+        """Under per-layer clipping: this rank's per-sample norms of each clipping group (shape ``(b, L)``, columns in
+        the order of :attr:`clipping_groups`) for the last logical batch; None otherwise. Private, as
+        :attr:`last_per_sample_norms`.
+        """
+        return self._last_group_norms
+
+    @property
+    def clipping_groups(self) -> list[tuple[str, ...]]:
+        """The parameter groups of per-layer clipping (parameter names; known once ``fit`` has set up)."""
+        return [] if self._engine is None else self._engine.clipping_groups
+
+    @property
     def last_release_step(self) -> int:
         """0-based index of the last private step taken (-1 before the first)."""
         return self._plan.released_steps - 1
@@ -304,11 +319,6 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
     def journal_path(self) -> str | None:
         """The privacy journal of this run (known once ``fit`` has started)."""
         return self._run.journal_path
-
-    @property
-    def clipping_groups(self) -> list[tuple[str, ...]]:
-        """The parameter groups of per-layer clipping (names; each bounded by C/√L), known once ``fit`` has started."""
-        return self._engine.clipping_groups if self._engine is not None else []
 
     def planned_segments(self, start: int, count: int) -> list[MechanismSegment]:
         """The ledger events that steps ``start .. start + count - 1`` will record if they run as planned.
@@ -612,10 +622,11 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         batch, rest = args[0], args[1:]
         self._refuse_second_release()
         micro_batches = split_batch(batch, self.max_physical_batch_size)
+        self._set_clipping_bound()
         self._maybe_probe(rest, kwargs)
         started = time.perf_counter()
         before = self._buffers.snapshot(module)
-        losses, norms, last_output = self._clip_micro_batches(micro_batches, rest, kwargs)
+        losses, norms, group_norms, last_output = self._clip_micro_batches(micro_batches, rest, kwargs)
         self._buffers.check(module, before)
         self._probe.stepped(time.perf_counter() - started)
         summed = self._engine.pop_summed()
@@ -623,6 +634,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             add_to_clipped_sum(module.trainer.callbacks, self, self._plan.released_steps, summed)
         self._pending = self._reduce_and_noise(summed)
         self._last_norms = norms
+        self._last_group_norms = group_norms
         metrics = step_metrics(self._plan, self._epsilon_upper_bound(), sensitivity(self.max_grad_norm, self.clipping))
         log_step(module, metrics, norms if self.log_clip_fraction else None, self.max_grad_norm)
         n = sum(size for _, size in micro_batches)
@@ -676,6 +688,19 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             raise SampleMixingError("The sample-mixing probe of another rank found examples mixed (see its error).")
         self._probe.ran(time.perf_counter() - started)
 
+    def _set_clipping_bound(self) -> None:
+        """Stage 0: the step's clipping bound(s), from a callback that adapts them (else ``max_grad_norm``)."""
+        per_layer = self.clipping == "per_layer"
+        groups = self._engine.clipping_groups if per_layer else None
+        callbacks = self.lightning_module.trainer.callbacks
+        adapted = declared_clipping_bounds(callbacks, self, self._plan.released_steps, groups)
+        group_bounds = None
+        if adapted is not None:
+            c, group_bounds = adapted
+            validate_value("max_grad_norm", c)
+            self.max_grad_norm = float(c)
+        self._engine.set_clipping_bound(self.max_grad_norm, group_bounds if per_layer else None)
+
     def _run_user_step(self, micro: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Tensor]:
         with self.precision_plugin.train_step_context():
             output = self.lightning_module.training_step(micro, *rest, **kwargs)
@@ -683,22 +708,26 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
 
     def _clip_micro_batches(
         self, micro_batches: list[tuple[Any, int]], rest: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[list[Tensor], Tensor, Any]:
+    ) -> tuple[list[Tensor], Tensor, Tensor | None, Any]:
         """Stages 1–2: the user's forward and backward per micro-batch, then per-sample clipping into the sum."""
         engine = self._engine
         losses: list[Tensor] = []
         norms: list[Tensor] = []
+        group_norms: list[Tensor] = []
         last_output: Any = None
         for micro, size in micro_batches:
             with engine.capture(size):
                 output, loss = self._run_user_step(micro, rest, kwargs)
                 loss.backward()
             norms.append(engine.clip_and_accumulate(self.max_grad_norm, self.clipping))
+            if engine.last_group_norms is not None:
+                group_norms.append(engine.last_group_norms)
             losses.append(loss.detach().float() * size)
             last_output = output
         self._count_nonfinite(engine.pop_nonfinite())
         all_norms = torch.cat(norms) if norms else torch.zeros(0, device=self.root_device)
-        return losses, all_norms, last_output
+        all_group_norms = torch.cat(group_norms) if group_norms else None
+        return losses, all_norms, all_group_norms, last_output
 
     def _count_nonfinite(self, bad: int) -> None:
         if bad:

@@ -17,15 +17,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import ClassifierModule, mlp, tensor_data  # noqa: E402
 
 from lightning_dp import DPStrategy  # noqa: E402
+from lightning_dp.callbacks import AdaptiveClipping  # noqa: E402
 
 
 class Recorder(L.Callback):
     def __init__(self, physical):
         self.physical = physical
         self.sizes = []
+        self.bounds = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.sizes.append(int(batch[0].shape[0]))
+
+    def on_train_batch_end(self, trainer, *args):
+        self.bounds.append(trainer.strategy.max_grad_norm)  # the bound this step clipped and noised with
 
 
 class SaveAt(L.Callback):
@@ -59,15 +64,24 @@ def main():
         strategy = DPStrategy(noise_multiplier=1e-7, max_grad_norm=1.5)
         callbacks.append(CanaryAudit(num_canaries=100, seed=4, on_violation="warn"))
         global_batch, max_steps = 40, 2
-    elif mode in ("exact", "exact_per_layer"):  # q = 1 and negligible noise: the update is deterministic
+    elif mode in ("exact", "exact_per_layer", "adaptive", "adaptive_per_layer"):
+        # q = 1 and negligible gradient noise: the update is deterministic (adaptive: the count's noise is drawn on
+        # rank 0 from a fixed noise seed, the same in one process and on two ranks)
         net = mlp()
         model = ClassifierModule(net, lr=0.1)
         ds = tensor_data(n=40)
         physical = 3
-        clipping = "per_layer" if mode == "exact_per_layer" else "flat"
+        clipping = "per_layer" if mode.endswith("per_layer") else "flat"
+        adaptive = mode.startswith("adaptive")
         strategy = DPStrategy(
-            noise_multiplier=1e-7, max_grad_norm=0.5, max_physical_batch_size=physical, clipping=clipping
+            noise_multiplier=1e-7,
+            max_grad_norm=0.5,
+            max_physical_batch_size=physical,
+            clipping=clipping,
+            noise_seed=0 if adaptive else None,
         )
+        if adaptive:
+            callbacks.append(AdaptiveClipping(count_noise_multiplier=2.0, initial_max_grad_norm=0.05))
         global_batch, max_steps = 40, 3
     else:  # "train" / "resume": Poisson batches, uneven micro-batch counts across ranks, Adam
         net = mlp()
@@ -98,6 +112,7 @@ def main():
             "before": before,
             "after": [p.detach().clone() for p in net.parameters()],
             "sizes": recorder.sizes,
+            "bounds": recorder.bounds,
             "micro_batches": [math.ceil(s / physical) if physical else 1 for s in recorder.sizes],
             "ledger": strategy.ledger.state_dict(),
             "epsilon": strategy.epsilon,

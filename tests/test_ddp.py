@@ -76,3 +76,21 @@ def test_checkpoint_restores_the_ledger_on_every_rank(tmp_path):
         assert r["ledger"]["segments"] == [
             {"noise_multiplier": 1.0, "sample_rate": 0.05, "steps": 8, "mechanism": "dp-sgd"}
         ]
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "adaptive_per_layer"])
+def test_adaptive_clipping_on_two_ranks_counts_the_global_batch_like_one_process(tmp_path, mode):
+    """The count is summed over ranks with its noise drawn once: two ranks move C exactly as one process does."""
+    from lightning_dp.accounting import combine_noise_multipliers
+
+    two = run(tmp_path, mode, 2)
+    one = run(tmp_path, mode, 1)[0]
+    assert two[0]["bounds"] == two[1]["bounds"], "every rank clips with the same C"
+    assert len(set(one["bounds"])) == 3, "C moved at every step"
+    assert two[0]["bounds"] == pytest.approx(one["bounds"], rel=1e-6)
+    for p2, p1 in zip(two[0]["after"], one["after"]):
+        assert torch.allclose(p2, p1, atol=1e-5)
+    groups = 2 if mode == "adaptive_per_layer" else 1
+    joint = combine_noise_multipliers(1e-7, 2.0 / (0.5 * groups**0.5))  # centred counts: sensitivity √L/2
+    assert two[0]["ledger"] == two[1]["ledger"] == one["ledger"]
+    assert [s["noise_multiplier"] for s in one["ledger"]["segments"]] == [pytest.approx(joint, rel=1e-12)]

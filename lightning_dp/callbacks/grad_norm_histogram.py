@@ -147,13 +147,27 @@ class NormHistogram:
         return histogram_quantiles(self.counts, self.edges, qs)
 
     def clip_fraction(self) -> float:
-        """The share of the (clamped) count mass above C; NaN when the mass is not positive."""
+        """The share of the (clamped) count mass above C; NaN when the mass is not positive.
+
+        C is an edge when it is the bound the edges were fixed for. When it moved since (e.g. under
+        :class:`~lightning_dp.callbacks.AdaptiveClipping`), the mass of the bin holding C is split by the same
+        interpolation as :func:`histogram_quantiles` (an estimate); beyond the last edge, the overflow bin's mass is
+        reported (an upper bound).
+        """
         c = np.clip(self.counts, 0.0, None)
         total = float(c.sum())
         if not total > 0:
             return math.nan
-        k = self.edges.index(self.max_grad_norm)  # bins k+1.. hold norms > C
-        return float(c[k + 1 :].sum()) / total
+        bound = self.max_grad_norm
+        if bound in self.edges:
+            k = self.edges.index(bound)  # bins k+1.. hold norms > C
+            return float(c[k + 1 :].sum()) / total
+        i = int(np.searchsorted(self.edges, bound))  # C lies in bin i: (edges[i-1], edges[i]]
+        if i == len(self.edges):
+            return float(c[-1]) / total
+        lo, hi = (0.0 if i == 0 else float(self.edges[i - 1])), float(self.edges[i])
+        below = (bound - lo) / (hi - lo) if lo <= 0 else math.log(bound / lo) / math.log(hi / lo)
+        return (float(c[i + 1 :].sum()) + float(c[i]) * (1.0 - below)) / total
 
     def class_statistics(self, min_count: float = 1.0) -> dict[int, tuple[float, float]]:
         """Per class y: (clip fraction, retained weight w_y(C) = mean of min(1, C/‖g_i‖)), clamped to [0, 1].

@@ -10,8 +10,9 @@ only says how it captures a micro-batch and how its per-sample squared norms and
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, final
 
@@ -145,6 +146,11 @@ class ClippingEngine(ABC):
         self._ready: list[Contribution] = []
         self._per_layer_c: float | None = None  # the per-layer C seen last: clip in backward from the next capture
         self._inline_c: float | None = None  # the C this capture clips with in backward (None: not in backward)
+        self._group_bounds: tuple[float, ...] | None = None  # per-layer bounds C_l by group (None: C/√L each)
+        self._inline_bounds: tuple[float, ...] | None = None  # the C_l this capture clips with in backward
+        self._pending_group_sq: dict[int, Tensor] = {}
+        #: per-sample norms of each clipping group (shape ``(b, L)``) of the last micro-batch clipped per layer
+        self.last_group_norms: Tensor | None = None
         self._pending: dict[nn.Parameter, Tensor] = {}
         self._pending_sq: Tensor | None = None
         self._pending_bad: Tensor | None = None
@@ -229,7 +235,7 @@ class ClippingEngine(ABC):
     @property
     def clipping_groups(self) -> list[tuple[str, ...]]:
         """The parameter groups of per-layer clipping (parameter names), each bounded by ``C/√L`` with ``L`` their
-        number (:func:`lightning_dp.clipping.per_layer_bound`).
+        number (:func:`lightning_dp.clipping.per_layer_bound`), or by its own ``C_l`` (:meth:`set_clipping_bound`).
         """
         return [tuple(self.param_names.get(p, "?") for p in group) for group in self._groups]
 
@@ -289,7 +295,7 @@ class ClippingEngine(ABC):
         ):
             with full_precision_matmuls():
                 self._apply_masks([group])
-                self._clip_groups_per_layer([[group]], self._inline_c, sync_each=True)
+                self._clip_groups_per_layer([(self._group_id(group), [group])], self._inline_c, sync_each=True)
         else:
             self._ready.append(group)
 
@@ -304,6 +310,39 @@ class ClippingEngine(ABC):
         return not (isinstance(group, PerSampleGradients) and all(p.dim() <= 1 for p in group.params))
 
     # ------------------------------------------------------------------ configuration
+    def set_clipping_bound(self, max_grad_norm: float, group_bounds: Sequence[float] | None = None) -> None:
+        """Set the bound(s) of the next micro-batches, before their capture (when C changes between steps, e.g.
+        under adaptive clipping: per-layer clipping clips in backward with the bound known at capture time).
+
+        Args:
+            max_grad_norm: C, the bound on one example's whole contribution.
+            group_bounds: under per-layer clipping, the bound ``C_l`` of each of :attr:`clipping_groups` (in that
+                order), with ``sqrt(Σ_l C_l²) ≤ C`` so that C stays the sensitivity; None: ``C/√L`` each.
+
+        Raises:
+            DPMisconfigurationError: for bounds that are not one positive finite number per group, or whose
+                root sum of squares exceeds C.
+        """
+        if group_bounds is not None:
+            bounds = tuple(float(b) for b in group_bounds)
+            if len(bounds) != len(self._groups) or not all(b > 0 and math.isfinite(b) for b in bounds):
+                raise DPMisconfigurationError(
+                    f"Per-layer clipping needs one positive finite bound per clipping group ({len(self._groups)}"
+                    f" groups: {self.clipping_groups}), got {list(bounds)}."
+                )
+            total = math.sqrt(sum(b * b for b in bounds))
+            if total > float(max_grad_norm) * (1 + 1e-9):
+                raise DPMisconfigurationError(
+                    f"The per-layer bounds have sqrt(Σ C_l²) = {total:.6g} > max_grad_norm = {max_grad_norm}: one"
+                    " example's clipped contribution could then exceed C, the sensitivity the noise is scaled to."
+                    " Set max_grad_norm to at least sqrt(Σ C_l²)."
+                )
+            self._group_bounds = bounds
+        else:
+            self._group_bounds = None
+        if self._per_layer_c is not None:
+            self._per_layer_c = float(max_grad_norm)
+
     def set_grad_masks(self, masks: dict[nn.Parameter, Tensor]) -> None:
         """Restrict per-sample gradients to masked coordinates *before* norms and clipping (e.g. the rows kept by
         sparse fine-tuning), so the clipping budget is spent on the coordinates that are trained.
@@ -380,6 +419,7 @@ class ClippingEngine(ABC):
         self._reset_pending()
         # Per-layer clipping in backward once the mode is known and autograd's sums are not needed any more.
         self._inline_c = None if self.check_against_autograd else self._per_layer_c
+        self._inline_bounds = self._group_bounds
         broadcast_grads: dict[nn.Parameter, Tensor] = {}
         self._broadcast_grads = broadcast_grads
         self._start_capture()
@@ -499,6 +539,7 @@ class ClippingEngine(ABC):
         self._pending = {}
         self._pending_sq = None
         self._pending_bad = None
+        self._pending_group_sq = {}
 
     def _release(self) -> None:
         """Clear ``p.grad`` (it holds the micro-batch's non-private gradient) and free the capture."""
@@ -526,35 +567,42 @@ class ClippingEngine(ABC):
             target[p] = value if acc is None else acc + value
 
     # ------------------------------------------------------------------ per-layer clipping
-    def _clip_groups_per_layer(self, clipping_groups: list[list[Contribution]], c: float, sync_each: bool) -> None:
-        """Clip each clipping group (a list of contributions of one group) by ``C/√L`` into the pending sum.
+    def _clip_groups_per_layer(
+        self, clipping_groups: list[tuple[int, list[Contribution]]], c: float, sync_each: bool
+    ) -> None:
+        """Clip each clipping group (its index and a list of its contributions) by ``C_l`` (``C/√L`` unless set by
+        :meth:`set_clipping_bound`) into the pending sum.
 
-        Squared norms and non-finite flags accumulate in ``_pending_sq`` / ``_pending_bad``. Examples with a
+        Squared norms and non-finite flags accumulate in ``_pending_sq`` / ``_pending_bad`` (and per group in
+        ``_pending_group_sq``). Examples with a
         non-finite norm in a group are zeroed out in that group; the check costs one host synchronisation per call,
         or per group with ``sync_each`` (a group clipped in backward must be clean before it is dropped).
         """
         scale = self._scale()
-        bound = per_layer_bound(c, len(self._groups))
-        parts: list[tuple[list[Contribution], Tensor]] = []
-        for contributions in clipping_groups:
+        bounds = self._inline_bounds if self._inline_c is not None else self._group_bounds
+        equal = per_layer_bound(c, len(self._groups))
+        parts: list[tuple[list[Contribution], Tensor, float]] = []
+        for gid, contributions in clipping_groups:
             sq = self._squared_norms(contributions, self._batch_size, self.params[0].device)
             self._pending_sq = sq if self._pending_sq is None else self._pending_sq + sq
+            prior = self._pending_group_sq.get(gid)
+            self._pending_group_sq[gid] = sq if prior is None else prior + sq
             bad = ~torch.isfinite(sq)
             self._pending_bad = bad if self._pending_bad is None else self._pending_bad | bad
-            parts.append((contributions, sq))
+            parts.append((contributions, sq, equal if bounds is None else bounds[gid]))
             if sync_each:
-                self._clip_parts(parts, bound, scale)
+                self._clip_parts(parts, scale)
                 parts = []
         if parts:
-            self._clip_parts(parts, bound, scale)
+            self._clip_parts(parts, scale)
 
-    def _clip_parts(self, parts: list[tuple[list[Contribution], Tensor]], bound: float, scale: float) -> None:
-        finite = [torch.isfinite(sq) for _, sq in parts]
+    def _clip_parts(self, parts: list[tuple[list[Contribution], Tensor, float]], scale: float) -> None:
+        finite = [torch.isfinite(sq) for _, sq, _ in parts]
         if bool(torch.stack([~f for f in finite]).any()):  # the one host sync of these groups
-            for (contributions, _), keep in zip(parts, finite):
+            for (contributions, _, _), keep in zip(parts, finite):
                 for g in contributions:
                     g.zero_examples(keep)
-        for (contributions, sq), keep in zip(parts, finite):
+        for (contributions, sq, bound), keep in zip(parts, finite):
             norms = torch.where(keep, sq, 0.0).sqrt() * scale
             r = self._rounding(contributions)
             if r is not None:
@@ -571,9 +619,13 @@ class ClippingEngine(ABC):
         for g in groups:
             for part in self._split_by_clipping_group(g):
                 by_id.setdefault(self._group_id(part), []).append(part)
-        self._clip_groups_per_layer(list(by_id.values()), c, sync_each=False)
+        self._clip_groups_per_layer(list(by_id.items()), c, sync_each=False)
         b = self._batch_size
         device = self.params[0].device
+        per_group = torch.zeros(b, len(self._groups), device=device)
+        for gid, gsq in self._pending_group_sq.items():
+            per_group[:, gid] = gsq
+        self.last_group_norms = per_group.sqrt() * self._scale()
         sq = self._pending_sq if self._pending_sq is not None else torch.zeros(b, device=device)
         bad = self._pending_bad if self._pending_bad is not None else torch.zeros(b, dtype=torch.bool, device=device)
         self._count_nonfinite(bad)
@@ -597,9 +649,11 @@ class ClippingEngine(ABC):
         Args:
             max_grad_norm: C.
             clipping: ``"flat"``, ``"normalized"``, ``"automatic"`` (the norm is over all parameters together) or
-                ``"per_layer"`` (each parameter group bounded by ``C/√L``, see :attr:`clipping_groups`). After a
-                ``"per_layer"`` call, later micro-batches are clipped inside their backward pass, which needs the
-                same mode and C on every call.
+                ``"per_layer"`` (each parameter group bounded by ``C/√L``, or by the ``C_l`` of
+                :meth:`set_clipping_bound`, see :attr:`clipping_groups`; the groups' norms are then in
+                :attr:`last_group_norms`). After a ``"per_layer"`` call, later micro-batches are clipped inside their
+                backward pass, which needs the same mode and bounds on every call of a step (set new bounds with
+                :meth:`set_clipping_bound` before the next capture).
             stability: γ of automatic clipping.
 
         Returns:
@@ -629,6 +683,7 @@ class ClippingEngine(ABC):
                     self._per_layer_c = float(max_grad_norm)  # from now on: in backward
                     return norms
                 self._per_layer_c = None  # a norm over all groups: nothing can be clipped in backward
+                self.last_group_norms = None
                 finite = self._nonfinite_examples(groups, sq)
                 norms = (sq * scale**2).sqrt()
                 bounds = norms
@@ -650,7 +705,8 @@ class ClippingEngine(ABC):
             DPMisconfigurationError: if it was, with another mode or C than asked for now.
         """
         ran = self._inline_c is not None and self._pending_sq is not None
-        if ran and (clipping != "per_layer" or float(max_grad_norm) != self._inline_c):
+        changed = float(max_grad_norm) != self._inline_c or self._inline_bounds != self._group_bounds
+        if ran and (clipping != "per_layer" or changed):
             raise DPMisconfigurationError(
                 f"This micro-batch was clipped per layer during its backward pass with max_grad_norm={self._inline_c}"
                 f" (the setting of the previous micro-batch), but clip_and_accumulate was called with"
