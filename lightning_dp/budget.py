@@ -146,13 +146,13 @@ class EpsilonMeter:
 
     After ``t`` steps the value is the accountant's bound on ε of the ledger plus the planned steps up to the next
     grid point ``g ≥ t``: an upper bound on the ε spent through step ``t``, reused for every step up to ``g`` while
-    the ledger follows the plan. The grid is geometric, with a ratio chosen so that ε grows by at most ``growth``
-    from ``t`` to ``g``: ε(t) grows like tᵃ with a ≤ 1, so g = t · growth^(1/a), with ``a`` measured on the last two
-    grid points (1 until there are two), and the step to ``g`` is halved until the bound at ``g`` is within
-    ``growth`` of the last one. The last planned step is evaluated exactly (the value equals the run's ε), and the
-    reported value is the running maximum of the values so far (upper bounds on a growing ε). Nothing depends on
-    the clock: identical runs report identical curves. Cost: about ``a · ln(T) / ln(growth)`` evaluations for a run
-    of ``T`` steps (every step for the first tens of steps; ~140 for 10k steps at a ≈ 0.5).
+    the ledger follows the plan. The grid is geometric: ε(t) grows like tᵃ with a ≤ 1 (``a`` measured on the last
+    two grid points, 1 until there are two), so the next point is the last one times growth^(0.8/a), and the step
+    is halved until the bound there is within ``growth`` of the bound at the last point (ε now is at least ε
+    there). The last planned step is evaluated exactly (the value equals the run's ε); otherwise the value is the
+    running maximum of the bounds so far. Nothing depends on the clock: identical runs report identical curves.
+    Cost: every step for the first tens of steps, then about ``a · ln(T) / ln(growth^0.8)`` evaluations in all for
+    ``T`` steps (see ``benchmarks/epsilon_refresh.py``).
 
     Args:
         growth: how much the bound may exceed ε of the current step (1.02: at most 2 %).
@@ -186,7 +186,11 @@ class EpsilonMeter:
         return min(1.0, max(0.2, math.log(v1 / v0) / math.log(t1 / t0)))
 
     def _next_point(self, steps_done: int, remaining: int | None) -> int:
-        ahead = math.floor(steps_done * (self.growth ** (1.0 / self._exponent()) - 1.0))
+        # From the last grid point (ε there is at most ε now), aiming at 80 % of the allowed growth so that the check
+        # in `_refresh` rarely has to halve the step.
+        base = self._points[-1][0] if self._points and self._points[-1][0] < steps_done else steps_done
+        ratio = (1.0 + 0.8 * (self.growth - 1.0)) ** (1.0 / self._exponent())
+        ahead = max(0, math.floor(base * ratio) - steps_done)
         if self.max_gap is not None:
             ahead = min(ahead, self.max_gap - 1)
         if remaining is not None:
