@@ -87,6 +87,14 @@ def _order(points: list[tuple[float, float]]) -> float:
     return lo
 
 
+def _on_ladder(interval: float) -> float:
+    """The largest interval ``COARSE_INTERVAL`` · 2^(-k/4) at or below ``interval`` (a few distinct intervals, so
+    the one-step distributions are reused from the cache across evaluations).
+    """
+    k = math.ceil(-4 * math.log2(interval / COARSE_INTERVAL) - 1e-9)
+    return max(FINEST_INTERVAL, COARSE_INTERVAL * 2 ** (-k / 4))
+
+
 def _refined_bound(groups: Groups, delta: float, relative_error: float) -> float:
     """The smallest of pessimistic bounds at finer and finer intervals, until the error is ``relative_error`` × ε.
 
@@ -103,7 +111,7 @@ def _refined_bound(groups: Groups, delta: float, relative_error: float) -> float
         error = (e1 - e2) * h2**p / (h1**p - h2**p)
         if error <= relative_error * e2 or h2 <= FINEST_INTERVAL:
             return e2
-        h = max(FINEST_INTERVAL, h2 / 8, 0.8 * h2 * (relative_error * e2 / error) ** (1 / p))
+        h = _on_ladder(max(FINEST_INTERVAL, h2 / 8, 0.8 * h2 * (relative_error * e2 / error) ** (1 / p)))
 
 
 @lru_cache(maxsize=1024)
