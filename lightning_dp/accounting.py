@@ -1,13 +1,15 @@
 """Privacy accounting: ε of the run's private releases, σ calibration and the ledger.
 
-ε comes from an :class:`~lightning_dp.accountants.Accountant`, by default the PRV accountant
-(:class:`~lightning_dp.accountants.PRVAccountant`, on the ``prv-accountant`` package), and is always its *upper
-bound*, so a reported ε is never optimistic. The ledger is our own code (not Opacus's accountants) because it must
+ε comes from an :class:`~lightning_dp.accountants.Accountant`, by default the PLD accountant
+(:class:`~lightning_dp.pld.PLDAccountant`, on Google's ``dp-accounting`` package, a core dependency: an
+independent, fast bound that is monotone in σ at a fixed discretisation), and is always its *upper bound*, so a
+reported ε is never optimistic. The ledger is our own code (not Opacus's accountants) because it must
 compose heterogeneous mechanisms (DP-SGD steps at several (σ, q), private diagnostics, selection steps) into one ε,
 survive checkpoints as plain Python numbers (``torch.load(weights_only=True)`` safe) and be shared by every rank
 under DDP. The calibration is our own because it must cover a prior spend and joint releases, and because a guided
-search (cheap estimates first, then the reported bound on a bracket of width ``rtol``) needs 2-3 bound evaluations
-where a plain bisection needs ~15.
+search (cheap estimates first, then the reported bound on a bracket of width ``rtol``) needs a few bound evaluations
+where a plain bisection needs ~15; a scan below the bracket then makes it robust to a bound that is not monotone in σ
+(the PRV bound is not, on short runs).
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from lightning_dp.accountants import (
     RDPAccountant,
 )
 from lightning_dp.errors import PrivacyTargetError
+from lightning_dp.pld import PLDAccountant
 
 __all__ = [
     "Accountant",
     "EstimatingAccountant",
     "MechanismSegment",
+    "PLDAccountant",
     "PRVAccountant",
     "PrivacyLedger",
     "RDPAccountant",
@@ -40,25 +44,26 @@ __all__ = [
     "epsilon_of_segments",
 ]
 
-#: Relative error allowed in ε by the default accountant's discretisation (the reported value is ~1 % above ε).
-RELATIVE_EPS_ERROR = 0.01
-#: Relative error allowed in δ (as a fraction of δ) by the PRV discretisation.
-DELTA_ERROR_FRACTION = 1e-3
+#: Relative error allowed in ε by the default accountant's discretisation (measured 0.01-0.1 % above a fine PLD).
+RELATIVE_EPS_ERROR = 5e-3
 #: Largest noise multiplier ``calibrate_noise_multiplier`` will return before declaring the target unreachable.
 MAX_NOISE_MULTIPLIER = 1000.0
-#: Above this ε (by the cheap RDP bound) the PRV accountant is not run: its discretisation grows without bound
+#: Above this ε (by the cheap RDP bound) the PLD accountant is not run: its discretisation grows without bound
 #: for tiny σ (tens of GiB), and such an ε carries no meaningful guarantee. The RDP value is reported instead.
 RDP_ONLY_ABOVE = 100.0
 #: Smallest noise multiplier the calibration will try (looser targets get this σ and a smaller ε than asked).
 MIN_NOISE_MULTIPLIER = 0.05
+#: How far below its bracket the calibration looks for a smaller σ that also meets the target (a relative width):
+#: a bound that is not monotone in σ can dip below the target again there.
+SCAN_WIDTH = 0.03
 
-_DEFAULT_ACCOUNTANT = PRVAccountant(
-    relative_error=RELATIVE_EPS_ERROR, delta_error_fraction=DELTA_ERROR_FRACTION, rdp_only_above=RDP_ONLY_ABOVE
-)
+_DEFAULT_ACCOUNTANT = PLDAccountant(relative_error=RELATIVE_EPS_ERROR, rdp_only_above=RDP_ONLY_ABOVE)
 
 
-def default_accountant() -> PRVAccountant:
-    """The accountant used when none is given: a shared :class:`PRVAccountant` (its results are cached)."""
+def default_accountant() -> PLDAccountant:
+    """The accountant used when none is given: a shared :class:`~lightning_dp.pld.PLDAccountant` (its results are
+    cached).
+    """
     return _DEFAULT_ACCOUNTANT
 
 
@@ -75,7 +80,7 @@ def epsilon_of_segments(
     Args:
         segments: the mechanisms to compose (any mix of σ and q).
         delta: the target δ.
-        accountant: who bounds ε; the default PRV accountant if ``None``.
+        accountant: who bounds ε; the default PLD accountant if ``None``.
 
     Returns:
         The upper bound on ε; 0.0 for an empty composition.
@@ -107,14 +112,14 @@ def combine_noise_multipliers(*noise_multipliers: float) -> float:
 def compute_epsilon(
     noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: Accountant | None = None
 ) -> float:
-    """ε of ``steps`` Poisson-subsampled Gaussian steps (DP-SGD) at ``delta``, by the PRV accountant.
+    """ε of ``steps`` Poisson-subsampled Gaussian steps (DP-SGD) at ``delta``, by the default (PLD) accountant.
 
     Args:
         noise_multiplier: σ, noise std relative to the clipping bound.
         sample_rate: q = expected batch size / dataset size.
         steps: number of optimizer steps.
         delta: the target δ.
-        accountant: who bounds ε; the default PRV accountant if ``None``.
+        accountant: who bounds ε; the default PLD accountant if ``None``.
 
     Returns:
         The accountant's upper bound on ε.
@@ -141,8 +146,11 @@ def calibrate_noise_multiplier(
 
     ε is the accountant's upper bound, the same value the ledger will report, so a run calibrated here reports
     ε ≤ ``target_epsilon``. If the accountant has a cheap ``estimate`` (:class:`EstimatingAccountant`, as the
-    default PRV accountant), the search runs on estimates and then checks a bracket of width ``rtol`` around
-    their answer with the bound itself (usually 2-3 bound evaluations).
+    default PLD accountant), the search runs on estimates and then checks a bracket of width ``rtol`` around
+    their answer with the bound itself. The bound need not be monotone in σ: the grid σ/(1 + ``rtol``)^k below the
+    bracket is then scanned down to ``SCAN_WIDTH`` (3 %) below, and the search moves down to any point that meets
+    the target, so the answer is at most ``rtol`` above the smallest σ meeting the target unless the bound dips
+    below it again further down than that.
 
     Args:
         target_epsilon: the ε the whole run may spend.
@@ -152,9 +160,10 @@ def calibrate_noise_multiplier(
         prior: mechanisms already spent (e.g. a resumed run's ledger) that the target must also cover.
         joint_noise: for steps that also release noised statistics of the same batch, ``{(σ_1, ...): count}``:
             ``count`` of the ``steps`` combine σ with those multipliers (see :func:`combine_noise_multipliers`).
-        rtol: relative precision of σ. The returned σ always satisfies the target; it is at most ``rtol`` too large
-            (ε at σ / (1 + ``rtol``) was found above the target), unless it is ``MIN_NOISE_MULTIPLIER``.
-        accountant: who bounds ε; the default PRV accountant if ``None``.
+        rtol: relative precision of σ. The returned σ always satisfies the target; ε at σ / (1 + ``rtol``)^k was found
+            above the target for every k with (1 + ``rtol``)^k ≤ 1 + ``SCAN_WIDTH`` (unless σ is
+            ``MIN_NOISE_MULTIPLIER``).
+        accountant: who bounds ε; the default PLD accountant if ``None``.
 
     Returns:
         σ such that ε(prior + steps × (σ, q)) ≤ target_epsilon.
@@ -215,12 +224,13 @@ def calibrate_noise_multiplier(
 
 
 class _GuidedSearch:
-    """Find σ with ``bound(σ) ≤ target < bound(σ / (1 + rtol))`` with few evaluations of ``bound``.
+    """Find σ with ``bound(σ) ≤ target < bound(σ / (1 + rtol)^k)`` for k = 1 .. the scan, with few evaluations.
 
-    ε(σ) is smooth and decreasing, close to a power law. The search first solves ``guide(σ) = target`` (cheap
-    estimates; a bracketed regula falsi in log-log space), then evaluates the bound there and steps to the root of
-    a local power law through the bound's value, with the guide's slope, until a bracket of width ``rtol`` is
-    verified with the bound itself. Every returned σ has been checked with the bound.
+    ε(σ) is close to a power law. The search first solves ``guide(σ) = target`` (cheap estimates; a bracketed
+    regula falsi in log-log space), then evaluates the bound there and steps to the root of a local power law
+    through the bound's value, with the guide's slope, until a bracket of width ``rtol`` is verified with the bound
+    itself. The bound need not be monotone: the grid below the bracket is scanned down to ``SCAN_WIDTH`` and the
+    search goes on below any point that meets the target. Every returned σ has been checked with the bound.
     """
 
     def __init__(
@@ -293,6 +303,17 @@ class _GuidedSearch:
             return sigma
         return sigma * math.exp(math.log(self.target / eps) / self.slope)
 
+    def scan_below(self, sigma: float) -> float | None:
+        """The first σ / (1 + rtol)^k, k ≥ 2, down to ``SCAN_WIDTH`` below ``sigma``, whose bound meets the target."""
+        step = 1.0 + self.rtol
+        k = 2
+        while step**k <= (1.0 + SCAN_WIDTH) * (1 + 1e-12) and sigma / step**k >= MIN_NOISE_MULTIPLIER:
+            x = sigma / step**k
+            if self.bound(x) <= self.target:
+                return x
+            k += 1
+        return None
+
     def run(self) -> float:
         """The calibrated σ."""
         step = 1.0 + self.rtol
@@ -309,7 +330,12 @@ class _GuidedSearch:
                 if x >= MAX_NOISE_MULTIPLIER:
                     raise self.unreachable()
             if hi is not None and (lo is not None and hi <= lo * step * (1 + 1e-12) or hi <= MIN_NOISE_MULTIPLIER):
-                return hi
+                lower = self.scan_below(hi)
+                if lower is None:
+                    return hi
+                hi, lo, misses = lower, None, 0  # the bound dipped: search on below the lower point
+                x = max(lower / step, MIN_NOISE_MULTIPLIER)
+                continue
             pred = self.predict(x, eps)
             # A miss: the bracket is still one-sided. After a few, widen the steps geometrically (a bad guide).
             misses = misses + 1 if lo is None or hi is None else 0
@@ -331,14 +357,14 @@ class _GuidedSearch:
 
 
 class PrivacyLedger:
-    """The record of every private release of a run, composed into one ε by an accountant (PRV by default).
+    """The record of every private release of a run, composed into one ε by an accountant (PLD by default).
 
     Consecutive records of the same mechanism and (σ, q) are merged into one segment, so the ledger stays small.
     The state is plain Python numbers: it is saved in every Lightning checkpoint and restored on resume (the
     accountant is not part of the state).
 
     Args:
-        accountant: who bounds ε (:class:`~lightning_dp.accountants.Accountant`); the default PRV accountant if
+        accountant: who bounds ε (:class:`~lightning_dp.accountants.Accountant`); the default PLD accountant if
             ``None``.
 
     Example:

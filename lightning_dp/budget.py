@@ -1,16 +1,15 @@
 """Budget enforcement and ε reporting off the critical path: Lightning-free, shared by the strategy and callbacks.
 
 - :class:`BudgetGuard` answers "does the next step keep ε ≤ max?" exactly, cheaply: steps certified by a calibration
-  need no evaluation; otherwise one PRV evaluation clears ``lookahead`` steps and a bisection finds the last step
+  need no evaluation; otherwise one ε evaluation clears ``lookahead`` steps and a bisection finds the last step
   near the limit.
-- :class:`EpsilonMeter` serves the ``dp/epsilon`` metric: always an upper bound on the ε spent, refreshed only while
-  the refreshes cost at most a fixed share of the run's time (a PRV evaluation takes from milliseconds to seconds).
+- :class:`EpsilonMeter` serves the ``dp/epsilon`` metric: an upper bound on the ε spent through each step, within a
+  few percent, refreshed on a deterministic geometric grid of steps, never decreasing, exact at the last step.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -136,88 +135,67 @@ class BudgetGuard:
 class _Bound:
     valid_through: int  # the bound holds while at most this many steps were taken ...
     value: float
-    covers: Counter[_Key] | None  # ... and the ledger holds no more than this (None: anything planned)
+    covers: Counter[_Key]  # ... and the ledger holds no more than this
 
     def holds(self, steps_done: int, ledger_totals: Counter[_Key]) -> bool:
-        return steps_done <= self.valid_through and (self.covers is None or _within(ledger_totals, self.covers))
-
-
-def _undominated(bounds: list[_Bound]) -> list[_Bound]:
-    """Drop bounds that another bound beats on both value and validity."""
-    kept: list[_Bound] = []
-    for b in sorted(bounds, key=lambda b: (-b.valid_through, b.value)):  # longest validity first
-        if not kept or b.value < kept[-1].value:
-            kept.append(b)
-    return kept
+        return steps_done <= self.valid_through and _within(ledger_totals, self.covers)
 
 
 class EpsilonMeter:
-    """Upper bounds on ε for ``dp/epsilon``, refreshed while refreshes cost at most ``budget`` of the run's time.
+    """Upper bounds on the ε spent, for ``dp/epsilon``: on a deterministic grid of steps, never decreasing.
 
-    Each refresh evaluates ε of the ledger plus the planned events of the next ``H`` steps, a bound valid until then;
-    ``H`` is chosen so that the refresh's cost, spread over ``H`` steps, is ``budget`` of their time. A refresh is
-    only made when the time spent so far leaves room for it, or when no bound is valid any more.
+    After ``t`` steps the value is the accountant's bound on ε of the ledger plus the planned steps up to the next
+    grid point ``g ≥ t``: an upper bound on the ε spent through step ``t``, reused for every step up to ``g`` while
+    the ledger follows the plan. The grid is geometric: ε(t) grows like tᵃ with a ≤ 1 (``a`` measured on the last
+    two grid points, 1 until there are two), so the next point is the last one times growth^(0.8/a), and the step
+    is halved until the bound there is within ``growth`` of the bound at the last point (ε now is at least ε
+    there). The last planned step is evaluated exactly (the value equals the run's ε); otherwise the value is the
+    running maximum of the bounds so far. Nothing depends on the clock: identical runs report identical curves.
+    Cost: every step for the first tens of steps, then about ``a · ln(T) / ln(growth^0.8)`` evaluations in all for
+    ``T`` steps (see ``benchmarks/epsilon_refresh.py``).
 
     Args:
-        budget: the share of the run's (wall) time refreshes may take.
-        clock: the time source (injectable for simulations).
+        growth: how much the bound may exceed ε of the current step (1.02: at most 2 %).
+        max_gap: refresh at least every this many steps (the strategy's ``epsilon_refresh_steps``).
     """
 
-    #: the cost assumed for a refresh before one was measured (seconds)
-    first_cost_guess = 0.05
-
-    def __init__(self, budget: float = 0.01, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.budget = float(budget)
-        self.clock = clock
+    def __init__(self, growth: float = 1.02, max_gap: int | None = None) -> None:
+        if not 1.0 < growth < 2.0:
+            raise ValueError(f"growth must be in (1, 2), got {growth}.")
+        if max_gap is not None and max_gap < 1:
+            raise ValueError(f"max_gap must be a positive number of steps, got {max_gap}.")
+        self.growth = float(growth)
+        self.max_gap = max_gap
         self.start()
 
     def start(self, steps_done: int = 0) -> None:
-        """Start timing a fit whose first step is ``steps_done``."""
-        self._t0 = self.clock()
-        self._first_step = steps_done
-        self._bounds: list[_Bound] = []
-        #: seconds spent in refreshes, and their number
-        self.spent = 0.0
+        """Start a fit whose first step is ``steps_done``: forget the bounds and the history of the last one."""
+        self._bound: _Bound | None = None
+        self._points: list[tuple[int, float]] = []  # (grid point, bound there), evaluated in this fit
+        self._max = 0.0
+        #: ε evaluations made in this fit
         self.refreshes = 0
-        self._cost = self.first_cost_guess
 
-    def certify(self, valid_through: int, value: float) -> None:
-        """A bound known without evaluation (e.g. the target of a calibrated plan), valid through a step count."""
-        self._bounds.append(_Bound(valid_through, value, None))
+    def _exponent(self) -> float:
+        """The local growth exponent a of ε(t) ∝ tᵃ over the last two grid points, in [0.2, 1] (1 if unknown)."""
+        if len(self._points) < 2:
+            return 1.0
+        (t0, v0), (t1, v1) = self._points[-2:]
+        if not (t1 > t0 > 0 and v1 > v0 > 0):
+            return 1.0
+        return min(1.0, max(0.2, math.log(v1 / v0) / math.log(t1 / t0)))
 
-    def plan_curve(
-        self,
-        start: int,
-        end: int,
-        ledger: PrivacyLedger,
-        delta: float,
-        planned: PlannedEvents,
-        points: int = 8,
-        last: float | None = None,
-    ) -> None:
-        """Bounds at geometric points of a plan (1/2^(points-1), ..., 1/2, all of steps ``start .. end``), computed
-        once, so the reported ε grows as a staircase instead of showing the plan's final ε from the first step.
-        Their cost counts as refresh time.
-
-        Args:
-            start: the next step's index.
-            end: the planned total.
-            ledger: the run's ledger.
-            delta: δ.
-            planned: the events of future steps.
-            points: how many points.
-            last: ε at ``end`` if known without evaluation (a calibrated target).
-        """
-        if end <= start:
-            return
-        t0 = self.clock()
-        marks = sorted({start + max(1, math.ceil((end - start) * 2.0 ** (j - points))) for j in range(1, points + 1)})
-        for mark in marks:
-            extra = planned(start, mark - start)
-            value = last if mark == end and last is not None else ledger.epsilon(delta, extra=extra)
-            self._bounds.append(_Bound(mark, value, totals(ledger.segments + extra)))
-        self._bounds = _undominated(self._bounds)
-        self.spent += self.clock() - t0
+    def _next_point(self, steps_done: int, remaining: int | None) -> int:
+        # From the last grid point (ε there is at most ε now), aiming at 80 % of the allowed growth so that the check
+        # in `_refresh` rarely has to halve the step.
+        base = self._points[-1][0] if self._points and self._points[-1][0] < steps_done else steps_done
+        ratio = (1.0 + 0.8 * (self.growth - 1.0)) ** (1.0 / self._exponent())
+        ahead = max(0, math.floor(base * ratio) - steps_done)
+        if self.max_gap is not None:
+            ahead = min(ahead, self.max_gap - 1)
+        if remaining is not None:
+            ahead = min(ahead, remaining)
+        return steps_done + max(0, ahead)
 
     def value(
         self,
@@ -225,39 +203,49 @@ class EpsilonMeter:
         ledger: PrivacyLedger,
         delta: float,
         planned: PlannedEvents,
-        horizon: int,
+        remaining: int | None,
         pending: Sequence[MechanismSegment] = (),
     ) -> float:
-        """An upper bound on ε after ``steps_done`` steps.
+        """An upper bound on the ε spent after ``steps_done`` steps, not below any value returned before in this fit.
 
         Args:
-            steps_done: steps taken so far (the ledger includes them).
+            steps_done: steps taken so far, the one being reported included.
             ledger: the run's ledger.
             delta: δ.
             planned: the events of future steps.
-            horizon: the most steps a refresh looks ahead (the rest of the plan: beyond it, a bound is loose).
+            remaining: the planned steps left after this one (None: no plan); at 0 the value is exact.
             pending: events of steps counted in ``steps_done`` but not yet in the ledger.
         """
         pending = list(pending)
-        now_totals = totals(ledger.segments + pending)
-        valid = [b for b in self._bounds if b.holds(steps_done, now_totals)]
-        now = self.clock()
-        elapsed = now - self._t0
-        affordable = self.spent + self._cost <= self.budget * elapsed
-        if valid and not affordable:
-            return min(b.value for b in valid)
-        steps = max(1, steps_done - self._first_step)
-        step_time = max(elapsed - self.spent, 1e-9) / steps
-        # Look far enough ahead that this refresh's cost is `budget` of the time until the bound runs out.
-        ahead = max(1, min(horizon, math.ceil(self._cost / (self.budget * step_time))))
-        extra = pending + planned(steps_done, ahead)
-        value = ledger.epsilon(delta, extra=extra)
-        cost = self.clock() - now
-        self.spent += cost
-        self._cost = cost
-        self.refreshes += 1
-        self._bounds = _undominated(valid + [_Bound(steps_done + ahead, value, totals(ledger.segments + extra))])
-        return min(b.value for b in self._bounds if b.valid_through >= steps_done)
+        now = totals(ledger.segments + pending)
+        if remaining == 0 or self._bound is None or not self._bound.holds(steps_done, now):
+            self._bound = self._refresh(steps_done, ledger, delta, planned, remaining, pending)
+        if remaining == 0:
+            self._max = self._bound.value  # the run's ε itself, the value the summary reports
+        else:
+            self._max = max(self._max, self._bound.value)
+        return self._max
+
+    def _refresh(
+        self,
+        steps_done: int,
+        ledger: PrivacyLedger,
+        delta: float,
+        planned: PlannedEvents,
+        remaining: int | None,
+        pending: list[MechanismSegment],
+    ) -> _Bound:
+        point = self._next_point(steps_done, remaining)
+        while True:
+            extra = pending + planned(steps_done, point - steps_done)
+            value = ledger.epsilon(delta, extra=extra)
+            self.refreshes += 1
+            last = self._points[-1][1] if self._points else None
+            if point == steps_done or last is None or value <= self.growth * last:
+                break
+            point = steps_done + (point - steps_done) // 2
+        self._points.append((point, value))
+        return _Bound(point, value, totals(ledger.segments + extra))
 
 
 __all__ = ["BudgetGuard", "EpsilonMeter", "totals"]

@@ -84,7 +84,7 @@ class PrivacyPlan:
         target_epsilon: the ε the run may spend; σ is then calibrated. Exactly one of this and ``noise_multiplier``.
         delta: δ of the guarantee.
         noise_multiplier: a fixed σ; ε then grows with the steps.
-        accountant: the accountant behind the ledger and the calibration (default: PRV).
+        accountant: the accountant behind the ledger and the calibration (default: PLD).
 
     Raises:
         DPMisconfigurationError: for inconsistent or non-finite arguments.

@@ -11,13 +11,16 @@ from lightning_dp.budget import EpsilonMeter
 from lightning_dp.plan import PrivacyPlan
 
 
-def step_metrics(plan: PrivacyPlan, epsilon_bound: float, sensitivity: float) -> dict[str, float]:
+def step_metrics(
+    plan: PrivacyPlan, epsilon_bound: float, sensitivity: float, planned_epsilon: float | None = None
+) -> dict[str, float]:
     """``dp/*`` metrics of the step about to be recorded (all public: functions of the plan, not of the data).
 
     Args:
         plan: the run's plan.
-        epsilon_bound: an upper bound on ε after this step.
+        epsilon_bound: an upper bound on the ε spent through this step (``dp/epsilon``).
         sensitivity: the clipped contribution's L2 bound (C, or 1 for normalized clipping).
+        planned_epsilon: ε at the end of the planned run (``dp/epsilon_planned``), if there is a plan.
     """
     sigma = plan.sigma_at(plan.released_steps)
     metrics = {
@@ -26,36 +29,38 @@ def step_metrics(plan: PrivacyPlan, epsilon_bound: float, sensitivity: float) ->
         "dp/sample_rate": float(plan.sample_rate),
         "dp/effective_noise": sigma * sensitivity / plan.expected_batch_size,
     }
+    if planned_epsilon is not None:
+        metrics["dp/epsilon_planned"] = planned_epsilon
     cumulative = plan.cumulative_noise()
     if cumulative is not None:
         metrics["dp/cumulative_noise"] = cumulative
     return metrics
 
 
-def start_meter(plan: PrivacyPlan, meter: EpsilonMeter) -> None:
-    """Start the ε meter for a fit: its clock, and its curve of bounds along the plan (the plan's last point is the
-    calibrated target when there is one).
+def start_meter(plan: PrivacyPlan, meter: EpsilonMeter) -> float | None:
+    """Start the ε meter for a fit.
+
+    Returns:
+        ε at the end of the planned run (the ledger plus every planned step), or None without a plan.
     """
     start, planned = plan.released_steps, plan.planned_steps
     meter.start(start)
-    if planned is not None and planned > start:
-        meter.plan_curve(start, planned, plan.ledger, plan.delta, plan.planned_segments, last=plan.target_epsilon)
+    if planned is None:
+        return None
+    return plan.epsilon(extra=plan.planned_segments(start, max(0, planned - start)))
 
 
-def epsilon_upper_bound(plan: PrivacyPlan, meter: EpsilonMeter, refresh_steps: int | None = None) -> float:
-    """An upper bound on ε after the step being taken (index ``plan.released_steps``), from the meter.
+def epsilon_upper_bound(plan: PrivacyPlan, meter: EpsilonMeter) -> float:
+    """An upper bound on the ε spent through the step being taken (index ``plan.released_steps``), from the meter.
 
     Args:
         plan: the run's plan (the step is not recorded yet).
-        meter: refreshes the bound within its time budget.
-        refresh_steps: look at most this many steps ahead (default: to the end of the plan).
+        meter: the ε meter of the fit.
     """
     done = plan.released_steps + 1
-    horizon = plan.planned_steps - done if plan.planned_steps is not None else 2**62
-    if refresh_steps is not None:
-        horizon = min(horizon, refresh_steps)
+    remaining = max(0, plan.planned_steps - done) if plan.planned_steps is not None else None
     pending = plan.planned_segments(plan.released_steps, 1)
-    return meter.value(done, plan.ledger, plan.delta, plan.planned_segments, max(1, horizon), pending)
+    return meter.value(done, plan.ledger, plan.delta, plan.planned_segments, remaining, pending)
 
 
 def log_step(module: pl.LightningModule, metrics: dict[str, float], norms: Tensor | None, max_grad_norm: float) -> None:

@@ -66,7 +66,7 @@ _STATE_KEY = "lightning_dp"
 
 
 class DPStrategy(OneTrainerOnly, DDPStrategy):
-    """Differentially private training: per-sample clipping, Gaussian noise, Poisson sampling, PRV accounting.
+    """Differentially private training: per-sample clipping, Gaussian noise, Poisson sampling, PLD accounting.
 
     The train dataloader's ``batch_size`` is the *expected logical batch size* B; each example is included in each
     step independently with probability q = B/N. Each logical step clips every example's gradient to
@@ -81,8 +81,8 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
 
     Args:
         target_epsilon: the ε the whole run may spend; σ is calibrated for the planned steps (``max_steps`` or
-            ``max_epochs``) with the PRV accountant, and no step is taken that would exceed it. Exactly one of
-            ``target_epsilon`` and ``noise_multiplier``.
+            ``max_epochs``) with the accountant (PLD by default), and no step is taken that would exceed it. Exactly
+            one of ``target_epsilon`` and ``noise_multiplier``.
         target_delta: δ; default 1e-5 (must be below 1/N).
         noise_multiplier: σ, the noise std relative to C; ε is then reported as it grows.
         max_grad_norm: C, the per-sample L2 clipping bound.
@@ -94,7 +94,8 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         log_clip_fraction: log ``nonprivate/step_clip_fraction``, the share of clipped examples — a non-private
             diagnostic computed from private data without noise (announced when a logger records it).
         epsilon_refresh_steps: recompute ``dp/epsilon`` at least every this many steps. By default it is refreshed
-            as often as a 1 % share of the run's time allows, always as an upper bound.
+            on a geometric grid of steps (every step early on), so that it is an upper bound on the ε spent through
+            each step, at most ~2 % above it, never decreasing, and exact at the last planned step.
         sampling_seed: fix the sampling randomness (reproducible tests only: the guarantee then rests on the seed
             staying secret; a warning says so). Default: fresh OS entropy per fit.
         noise_seed: fix the noise randomness (reproducible tests only, as ``sampling_seed``).
@@ -124,7 +125,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             ledger; ``"trust_checkpoint"`` accepts a checkpoint whose journal is gone (you assert that no step was
             taken after it).
         accountant: who bounds ε, for reporting, calibration and the budget (an
-            :class:`~lightning_dp.accountants.Accountant`; default: the PRV accountant).
+            :class:`~lightning_dp.accountants.Accountant`; default: :class:`~lightning_dp.pld.PLDAccountant`).
 
     Raises:
         DPMisconfigurationError: for inconsistent or non-finite arguments.
@@ -224,7 +225,8 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         )
         self._streams = RandomStreams({"sampling": sampling_seed, "noise": noise_seed}, secure=secure_mode)
         self._run = RunState()
-        self._meter = EpsilonMeter()
+        self._meter = EpsilonMeter(max_gap=epsilon_refresh_steps)
+        self._epsilon_planned: float | None = None
         self._budget: Any = None  # the PrivacyBudget enforcing target_epsilon (set up per fit)
         self._engine: Any = None
         self._pending: dict[torch.nn.Parameter, Tensor] | None = None
@@ -275,7 +277,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
 
     @property
     def epsilon(self) -> float:
-        """ε spent so far at ``delta`` (the PRV accountant's upper bound; 0.0 before the first step)."""
+        """ε spent so far at ``delta`` (the accountant's upper bound; 0.0 before the first step)."""
         return self._plan.epsilon()
 
     @property
@@ -547,7 +549,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         self._plan.selection.epoch_steps = epoch_steps
         self._schedule(trainer, planned)
         if self._stopped_reason is None:
-            start_meter(self._plan, self._meter)
+            self._epsilon_planned = start_meter(self._plan, self._meter)
             if self._budget is not None and planned is not None and planned > taken:
                 self._budget.certify(self._plan.planned_segments(taken, planned - taken))
         sigma = self._plan.noise_multiplier
@@ -635,7 +637,12 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         self._pending = self._reduce_and_noise(summed)
         self._last_norms = norms
         self._last_group_norms = group_norms
-        metrics = step_metrics(self._plan, self._epsilon_upper_bound(), sensitivity(self.max_grad_norm, self.clipping))
+        metrics = step_metrics(
+            self._plan,
+            self._epsilon_upper_bound(),
+            sensitivity(self.max_grad_norm, self.clipping),
+            self._epsilon_planned,
+        )
         log_step(module, metrics, norms if self.log_clip_fraction else None, self.max_grad_norm)
         n = sum(size for _, size in micro_batches)
         mean_loss = torch.stack(losses).sum() / n if n else torch.zeros((), device=self.root_device)
@@ -795,7 +802,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
 
     # ------------------------------------------------------------------ reporting
     def _epsilon_upper_bound(self) -> float:
-        return epsilon_upper_bound(self._plan, self._meter, self.epsilon_refresh_steps)
+        return epsilon_upper_bound(self._plan, self._meter)
 
     @override
     def on_train_end(self) -> None:

@@ -31,6 +31,7 @@ from lightning_dp.accounting import (
     epsilon_of_segments,
 )
 from lightning_dp.errors import PrivacyTargetError
+from lightning_dp.pld import PLDAccountant
 
 
 def pld_epsilon(segments, delta, interval=1e-4):
@@ -69,9 +70,13 @@ def test_epsilon_is_above_pld_and_within_3_percent(name):
 
 def test_small_epsilon_long_run_is_above_pld_and_within_3_percent():
     # e: q = 64/1e6, σ = 0.8, 78,125 steps: ε ≈ 0.11. A fixed eps_error (0.2) gets 0.105 here, below the truth.
-    ours = compute_epsilon(0.8, 64 / 1e6, 78125, 1e-5)
-    ref = pld_epsilon([(0.8, 64 / 1e6, 78125)], 1e-5, interval=2e-5)
-    assert ref <= ours <= 1.03 * ref
+    # dp_accounting's PLD converges slowly here: 0.11773 at interval 1e-4, 0.11093 at 2e-5, 0.11075 at 1e-5 and
+    # 0.11070 at 2e-6 (`pld_epsilon(..., interval=2e-6)`, ~2 min, so the figure is quoted). The default accountant
+    # refines its interval itself and is within 0.1 % of the finest.
+    ref = 0.11070
+    for accountant in (None, PRVAccountant()):
+        ours = compute_epsilon(0.8, 64 / 1e6, 78125, 1e-5, accountant)
+        assert ref <= ours <= 1.03 * ref
 
 
 def test_large_epsilon_200k_steps_is_above_pld_and_within_3_percent():
@@ -187,7 +192,7 @@ def test_reported_epsilon_is_never_below_the_prv_estimate(triples):
 def test_relative_precision_is_respected():
     acc = PRVAccountant(relative_error=0.002)
     fine = acc.epsilon(segs((1.0, 0.01, 10000)), 1e-5)
-    default = default_accountant().epsilon(segs((1.0, 0.01, 10000)), 1e-5)
+    default = PRVAccountant().epsilon(segs((1.0, 0.01, 10000)), 1e-5)
     ref = pld_epsilon([(1.0, 0.01, 10000)], 1e-5)
     assert ref <= fine < default
     assert fine <= 1.003 * ref
@@ -208,6 +213,9 @@ def test_empty_composition_is_free():
 
 def test_accountants_satisfy_the_protocols():
     assert isinstance(PRVAccountant(), EstimatingAccountant)
+    assert isinstance(PLDAccountant(), EstimatingAccountant) and isinstance(default_accountant(), PLDAccountant)
+    with pytest.raises(ValueError, match="relative_error"):
+        PLDAccountant(relative_error=0.5)
     assert isinstance(RDPAccountant(), Accountant) and not isinstance(RDPAccountant(), EstimatingAccountant)
     with pytest.raises(ValueError, match="relative_error"):
         PRVAccountant(relative_error=0.0)

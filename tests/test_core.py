@@ -8,7 +8,7 @@ import torch
 
 from lightning_dp.accounting import MechanismSegment, PrivacyLedger, combine_noise_multipliers, compute_epsilon
 from lightning_dp.batch_selection import PoissonSelection, ShuffleSelection
-from lightning_dp.budget import BudgetGuard, EpsilonMeter
+from lightning_dp.budget import BudgetGuard
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError
 from lightning_dp.journal import JournalError, PrivacyJournal
 from lightning_dp.plan import PrivacyPlan, planned_total_steps
@@ -159,46 +159,6 @@ def test_budget_guard_stops_at_the_exact_step_and_uses_the_certificate():
 
 
 # ---------------------------------------------------------------------- ε meter
-class FakeClock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
-
-def test_epsilon_meter_is_an_upper_bound_within_its_time_budget():
-    q, sigma, delta = 0.01, 1.0, 1e-5
-    clock = FakeClock()
-    meter = EpsilonMeter(budget=0.02, clock=clock)
-    ledger = PrivacyLedger()
-
-    def planned(start, count):
-        return [MechanismSegment(sigma, q, count)] if count else []
-
-    calls = []
-    original = PrivacyLedger.epsilon
-
-    def timed(self, d, extra=()):  # each evaluation "costs" 1 s; each step 0.1 s
-        clock.t += 1.0
-        calls.append(len(extra))
-        return original(self, d, extra)
-
-    PrivacyLedger.epsilon = timed
-    try:
-        meter.start(0)
-        values = []
-        for step in range(1, 2001):
-            clock.t += 0.1
-            ledger.record(sigma, q)
-            values.append((step, meter.value(step, ledger, delta, planned, horizon=2000 - step)))
-    finally:
-        PrivacyLedger.epsilon = original
-    assert meter.spent <= 0.02 * clock.t + 1.0  # at most the budget (plus the first, forced evaluation)
-    assert 2 <= meter.refreshes <= 8
-    for step, value in values[::97]:
-        assert value >= compute_epsilon(sigma, q, step, delta) - 1e-9
-    assert values[-1][1] == pytest.approx(compute_epsilon(sigma, q, 2000, delta), rel=1e-6)
 
 
 # ---------------------------------------------------------------------- journal

@@ -192,7 +192,7 @@ def test_target_holds_across_a_second_fit_that_continues_training():
     t.fit_loop.max_epochs = 4  # train on: σ is recalibrated for what is left of the budget
     t.fit(model, loader(tensor_data(), 20))
     assert s.epsilon <= 2.0 and s.ledger.steps == 40
-    assert s.noise_multiplier > 5 * s.ledger.segments[0].noise_multiplier
+    assert s.noise_multiplier > 3 * s.ledger.segments[0].noise_multiplier  # a fresh budget would give ~1×
 
 
 def test_target_holds_for_a_new_strategy_continuing_the_same_module():
@@ -202,7 +202,7 @@ def test_target_holds_for_a_new_strategy_continuing_the_same_module():
     again = DPStrategy(target_epsilon=2.0)  # a new Trainer and strategy, the same (already private) model
     trainer(again, max_epochs=2).fit(model, loader(tensor_data(), 20))
     assert again.ledger.steps == 30 and again.epsilon <= 2.0  # 10 + 20: the new trainer runs 2 epochs
-    assert again.noise_multiplier > 5 * first.noise_multiplier  # the rest of the budget, not a fresh one
+    assert again.noise_multiplier > 3 * first.noise_multiplier  # the rest of the budget, not a fresh one (~1×)
 
 
 def test_target_holds_after_a_resume_with_another_dataset_size(tmp_path):

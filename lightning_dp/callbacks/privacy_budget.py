@@ -30,7 +30,7 @@ class PrivacyBudget(Callback):
     Checking at the end of step k for step k+1 is equivalent to checking before step k+1: Lightning reads
     ``should_stop`` between steps (a callback's ``on_train_batch_start`` cannot skip a step).
 
-    ε is monotone in the number of steps, so one PRV evaluation ``lookahead`` steps ahead clears that many steps;
+    ε is monotone in the number of steps, so one ε evaluation ``lookahead`` steps ahead clears that many steps;
     near the limit a bisection finds the exact last step (about log2(``lookahead``) evaluations), and the answer is
     cached until then (:class:`lightning_dp.budget.BudgetGuard`). Steps beyond the planned ones are checked too, and
     the budget holds across fits and resumes (the ledger continues). ``DPStrategy(target_epsilon=...)`` enforces its

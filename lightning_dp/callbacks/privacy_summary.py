@@ -214,7 +214,7 @@ class PrivacySummary(Callback):
         return {"perf/samples_per_second": samples / seconds, "perf/train_seconds": seconds, "perf/train_steps": steps}
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Compute the summary (on rank zero: one PRV evaluation per mechanism), print it and hand it to the
+        """Compute the summary (on rank zero: one ε evaluation per mechanism), print it and hand it to the
         loggers.
         """
         if not trainer.is_global_zero:
