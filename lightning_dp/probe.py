@@ -141,7 +141,7 @@ def _run_passes(
 ) -> tuple[list[Tensor], list[dict[str, Tensor]], list[int], list[list[tuple[str, Tensor]]]]:
     """Each batch made and run under the same RNG state, buffers restored after each; RNG restored at the end."""
     states = _collect_rng_states(include_cuda=torch.cuda.is_available())
-    outputs: list[list[tuple[str, Tensor]]] = [[], []]
+    outputs: list[list[tuple[str, Tensor]]] = [[] for _ in make_batches]
     norms: list[Tensor] = []
     buffers: list[dict[str, Tensor]] = []
     sizes: list[int] = []
@@ -182,7 +182,8 @@ def compare_passes(
         model: the LightningModule (its modules are watched to locate the mixing).
         per_sample_norms: runs the user's step on a batch of the given size (forward, loss, backward) and returns
             its per-sample gradient norms, accumulating nothing.
-        make_batches: two callables returning the batches (called after the RNG state is set).
+        make_batches: callables returning the batches (called after the RNG state is set): the first two differ in
+            example ``changed`` only; any further one (other items) is compared for the public buffers only.
         size: their number of examples.
         changed: the index of the example that differs.
         public_buffers: buffers that may change in ``training_step`` but must not depend on the examples.
@@ -199,7 +200,7 @@ def compare_passes(
             " collate function stack the items it is given, no more and no fewer."
         )
     for name in public_buffers:
-        if name in buffers[0] and _differ(buffers[0][name], buffers[1][name], rtol):
+        if name in buffers[0] and any(_differ(buffers[0][name], other[name], rtol) for other in buffers[1:]):
             raise SampleMixingError(
                 f"Buffer '{name}' is declared public (DPStrategy(public_buffers=...)) but its update in training_step"
                 " depends on the examples: changing one example changed it. A public buffer may depend on the"
@@ -213,7 +214,7 @@ def compare_passes(
         " changed before the loss)"
     )
     # Locate the mixing: run both passes again, now recording every module's output (only on this error path).
-    outputs = _run_passes(model, per_sample_norms, make_batches, size, (), record=True)[3]
+    outputs = _run_passes(model, per_sample_norms, list(make_batches)[:2], size, (), record=True)[3]
     for (name, a), (_, b) in zip(*outputs):
         if _differ(_others(a, changed), _others(b, changed), rtol):
             where = f"first visible at the output of module '{name or '<root>'}'"
@@ -313,17 +314,23 @@ class ProbeItems:
         the probed set (one with other labels where the items carry any).
         """
         m = self.size()
-        order = source.permutation(len(self.dataset))[: m + _REPLACEMENT_TRIES].tolist()
+        order = source.permutation(len(self.dataset))[: m + max(_REPLACEMENT_TRIES, m)].tolist()
+        self._outside = order[m:]
         items = [self.dataset[i] for i in order[:m]]
         changed = min(m - 1, int(float(source.uniform(1)[0]) * m))
         replacement = None
-        for i in order[m:]:
+        for i in order[m : m + _REPLACEMENT_TRIES]:
             candidate = self.dataset[i]
             replacement = replacement if replacement is not None else candidate
             if _differs_in_labels(candidate, items[changed]):
                 replacement = candidate
                 break
         return items, changed, replacement
+
+    def others(self) -> list[Any]:
+        """Items from outside the last draw's probed set (as many as it probed, where the dataset has them)."""
+        outside = getattr(self, "_outside", [])
+        return [self.dataset[i] for i in outside[: self.size()]]
 
 
 def probe_items(
@@ -356,6 +363,9 @@ def probe_items(
     states = _collect_rng_states(include_cuda=torch.cuda.is_available())
     try:  # loading items may draw augmentations from the global RNG: the step that follows must not see it
         probed, changed, replacement = items.draw(source)
+        # Public buffers must not depend on the examples at all: also compare a pass on other items (a statistic such
+        # as a running maximum need not move when one item is replaced).
+        others = items.others() if public_buffers else []
     finally:
         _set_rng_states(states)
     replaced = [*probed[:changed], replacement, *probed[changed + 1 :]]
@@ -366,10 +376,12 @@ def probe_items(
         return engine.probe_norms()
 
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    makers = (
+    makers = [
         lambda: _to_device(items.collate_fn(list(probed)), device),
         lambda: _to_device(items.collate_fn(list(replaced)), device),
-    )
+    ]
+    if len(others) == m:
+        makers.append(lambda: _to_device(items.collate_fn(list(others)), device))
     compare_passes(module, norms_of, makers, m, changed, public_buffers)
     return True
 
