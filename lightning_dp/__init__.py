@@ -1,10 +1,16 @@
 """lightning_dp: differentially private training for PyTorch Lightning."""
 
-from lightning_dp.accountants import Accountant, PRVAccountant, RDPAccountant
-from lightning_dp.accounting import PrivacyLedger, calibrate_noise_multiplier, compute_epsilon
+from lightning_dp.accounting import (
+    Accountant,
+    PLDAccountant,
+    PrivacyLedger,
+    PRVAccountant,
+    RDPAccountant,
+    calibrate_noise_multiplier,
+    compute_epsilon,
+)
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError, UnsupportedLayerError
 from lightning_dp.model_fixes import fix_model
-from lightning_dp.pld import PLDAccountant
 from lightning_dp.strategy import DPStrategy
 
 __version__ = "0.1.0"

@@ -125,7 +125,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             ledger; ``"trust_checkpoint"`` accepts a checkpoint whose journal is gone (you assert that no step was
             taken after it).
         accountant: who bounds ε, for reporting, calibration and the budget (an
-            :class:`~lightning_dp.accountants.Accountant`; default: :class:`~lightning_dp.pld.PLDAccountant`).
+            :class:`~lightning_dp.accounting.Accountant`; default: :class:`~lightning_dp.accounting.PLDAccountant`).
 
     Raises:
         DPMisconfigurationError: for inconsistent or non-finite arguments.

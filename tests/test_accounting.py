@@ -10,28 +10,25 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.pld.privacy_loss_mechanism import GaussianPrivacyLoss
 
-from lightning_dp.accountants import (
-    Accountant,
-    EstimatingAccountant,
-    PRVAccountant,
-    RDPAccountant,
-    _loss_cdf_sf,
-    _package_prvs,
-    _prv_bounds,
-    gaussian_epsilon,
-)
 from lightning_dp.accounting import (
     MIN_NOISE_MULTIPLIER,
+    Accountant,
+    EstimatingAccountant,
     MechanismSegment,
+    PLDAccountant,
     PrivacyLedger,
+    PRVAccountant,
+    RDPAccountant,
     calibrate_noise_multiplier,
     combine_noise_multipliers,
     compute_epsilon,
     default_accountant,
     epsilon_of_segments,
+    gaussian_epsilon,
 )
+from lightning_dp.accounting.prv import _loss_cdf_sf, _prv_bounds
+from lightning_dp.accounting.rdp import package_prvs as _package_prvs
 from lightning_dp.errors import PrivacyTargetError
-from lightning_dp.pld import PLDAccountant
 
 
 def pld_epsilon(segments, delta, interval=1e-4):
@@ -148,7 +145,7 @@ def test_fast_composition_matches_the_package_prv_accountant(groups, eps_error):
 def test_tiny_delta_redoes_the_composition_in_long_double(monkeypatch):
     # At δ = 1e-10 the float64 FFT noise (measured on the result) would eat δ; the composition is redone in
     # long double, and the bound stays tight instead of falling back to RDP.
-    import lightning_dp.accountants as accountants
+    import lightning_dp.accounting.prv as accountants
 
     dtypes = []
     compose = accountants._compose
@@ -338,3 +335,13 @@ def test_ledger_merges_and_round_trips_through_weights_only_load(tmp_path):
     assert restored.segments == ledger.segments
     assert restored.epsilon(1e-5) >= ledger.epsilon(1e-5)  # RDP is looser than PRV
     assert set(ledger.breakdown(1e-5)) == {"dp-sgd", "histogram"}
+
+
+def test_the_old_accounting_modules_still_import_with_a_deprecation_warning():
+    import lightning_dp.accountants as old_accountants
+    import lightning_dp.pld as old_pld
+
+    with pytest.warns(DeprecationWarning, match="moved to lightning_dp.accounting"):
+        assert old_accountants.PRVAccountant is PRVAccountant
+    with pytest.warns(DeprecationWarning, match="moved to lightning_dp.accounting"):
+        assert old_pld.PLDAccountant is PLDAccountant

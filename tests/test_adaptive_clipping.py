@@ -19,8 +19,7 @@ from zoo_check import group_clipped_sum
 import lightning_dp.callbacks.adaptive_clipping as adaptive_module
 import lightning_dp.strategy as strategy_module
 from lightning_dp import DPStrategy
-from lightning_dp.accountants import RDPAccountant
-from lightning_dp.accounting import calibrate_noise_multiplier, compute_epsilon
+from lightning_dp.accounting import RDPAccountant, calibrate_noise_multiplier, compute_epsilon
 from lightning_dp.callbacks import AdaptiveClipping, GradNormHistogram, NormHistogram, quantile_update
 from lightning_dp.callbacks.adaptive_clipping import count_below
 from lightning_dp.engine import ENGINES, ClippingEngine

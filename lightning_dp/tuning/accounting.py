@@ -39,7 +39,7 @@ Segment = tuple[float, float, int]
 
 
 def _as_segment(segment: Any) -> Segment:
-    """``(σ, q, T)`` from a tuple or a :class:`~lightning_dp.accountants.MechanismSegment`-like object."""
+    """``(σ, q, T)`` from a tuple or a :class:`~lightning_dp.accounting.MechanismSegment`-like object."""
     if hasattr(segment, "noise_multiplier"):
         sigma, q, steps = segment.noise_multiplier, segment.sample_rate, segment.steps
     else:
