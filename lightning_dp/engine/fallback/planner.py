@@ -39,9 +39,9 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
-from lightning_dp.engine.fallback import diagnostics
 from lightning_dp.engine.fallback.capture import Capture, Frame, grad_hook
 from lightning_dp.engine.fallback.compute import FallbackResult, check_resolved, compute_per_sample
+from lightning_dp.engine.fallback.diagnostics import explain as explain_mismatch
 from lightning_dp.engine.fallback.discovery import FallbackPlan, is_within
 from lightning_dp.engine.fallback.dispatch import OpDispatcher
 from lightning_dp.engine.fallback.per_example import Fingerprint, ForwardState
@@ -397,7 +397,7 @@ class FunctionalFallback:
         :func:`~lightning_dp.engine.fallback.diagnostics.explain`).
         """
         layer = self.plan.owner.get(p)
-        return diagnostics.explain(p, group, self._capture, layer, self.plan.name_of, self._produced)
+        return explain_mismatch(p, group, self._capture, layer, self.plan.name_of, self._produced)
 
     def has_work(self) -> bool:
         """Whether the last capture recorded anything for the fallback."""
