@@ -16,7 +16,7 @@ Where a new layer type's rule goes: one registry per kind of rule, each with one
 
 - Per-sample gradients of a layer (the hooks engine, and the ghost engine for layers without a ghost rule):
   :func:`register_grad_sampler` (:mod:`~lightning_dp.engine.rules`; the maths of convolutions and bags live in
-  :mod:`~lightning_dp.engine.convolution` and :mod:`~lightning_dp.engine.embedding_bag`). Opacus's registered grad
+  :mod:`~lightning_dp.engine.convolution` and ``lightning_dp.engine.embedding_bag``). Opacus's registered grad
   samplers are used after ours.
 - Ghost norms and book-keeping of a layer (the ghost engine): a :class:`GhostLayer` subclass with
   :func:`register_ghost_layer`, one file per layer family in :mod:`~lightning_dp.engine.ghost_layers`.
