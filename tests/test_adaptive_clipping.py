@@ -116,7 +116,7 @@ class Spy:
         add_gaussian = adaptive_module.add_gaussian
 
         def spy_clip(engine, max_grad_norm, clipping="flat", *a, **k):
-            self.clip_bounds.append((max_grad_norm, engine._group_bounds))
+            self.clip_bounds.append((max_grad_norm, engine.per_layer.group_bounds))
             return clip(engine, max_grad_norm, clipping, *a, **k)
 
         def spy_privatize(summed, noise_std, *a, **k):
@@ -194,7 +194,7 @@ def test_engine_clips_each_group_to_its_own_bound_and_reports_group_norms():
         engine.set_clipping_bound(c, bounds)
         with engine.capture(6):
             nn.functional.cross_entropy(model(x), y).backward()
-            assert first or engine._pending_sq is not None
+            assert first or engine.per_layer.pending_sq is not None
         engine.clip_and_accumulate(c, "per_layer")
         assert torch.allclose(engine.last_group_norms, group_norms, rtol=1e-4)
         summed = engine.pop_summed()

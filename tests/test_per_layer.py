@@ -77,7 +77,7 @@ def test_per_layer_sums_match_brute_force_and_clip_in_backward(engine_name, case
         with engine.capture(x.shape[0]):
             nn.functional.cross_entropy(model(x), y).backward()
             if not first and case != "weight_tying":
-                assert engine._pending_sq is not None, "groups were clipped inside backward"
+                assert engine.per_layer.pending_sq is not None, "groups were clipped inside backward"
         norms = engine.clip_and_accumulate(c, "per_layer")
         assert _rel_err(norms, flat) < 1e-4, "the flat norms are returned in every mode"
         summed = engine.pop_summed()

@@ -1,4 +1,33 @@
-"""Per-sample gradient engines, the ghost engine's per-layer classes and the registry of per-layer rules."""
+"""Per-sample gradient engines: per-example norms and the clipped sum of a captured micro-batch.
+
+What lives where:
+
+- :mod:`~lightning_dp.engine.base`: the template :class:`ClippingEngine` (its final methods own the privacy rules);
+  :mod:`~lightning_dp.engine.hooks` and :mod:`~lightning_dp.engine.ghost`: the two engines (:data:`ENGINES`).
+- :mod:`~lightning_dp.engine.contributions`: what an engine hands to the template per parameter group.
+- :mod:`~lightning_dp.engine.per_layer`: per-layer clipping (groups, bounds, clipping in backward), a collaborator
+  of the template; :mod:`~lightning_dp.engine.nonfinite`: non-finite examples (zeroed and counted, or an error);
+  :mod:`~lightning_dp.engine.crosscheck`: the check of per-sample sums against autograd.
+- :mod:`~lightning_dp.engine.layers`: which layers an engine hooks, broadcast parameters, capture checks;
+  :mod:`~lightning_dp.engine.precision`: rounding bounds of the clipped sums.
+- :mod:`~lightning_dp.engine.fallback`: ``torch.func`` for whatever no layer rule covers.
+
+Where a new layer type's rule goes: one registry per kind of rule, each with one decorator or function.
+
+- Per-sample gradients of a layer (the hooks engine, and the ghost engine for layers without a ghost rule):
+  :func:`register_grad_sampler` (:mod:`~lightning_dp.engine.rules`; the maths of convolutions and bags live in
+  :mod:`~lightning_dp.engine.convolution` and ``lightning_dp.engine.embedding_bag``). Opacus's registered grad
+  samplers are used after ours.
+- Ghost norms and book-keeping of a layer (the ghost engine): a :class:`GhostLayer` subclass with
+  :func:`register_ghost_layer`, one file per layer family in :mod:`~lightning_dp.engine.ghost_layers`.
+- Raw parameters broadcast along the batch (``cls_token``): :func:`register_broadcast_parameters`.
+- Modules recomputed per example as a whole (RNNs, attention): ``register_unit_rule``, and their batch dimensions
+  ``register_batch_dims`` (:mod:`~lightning_dp.engine.fallback.units`).
+- Closed-form per-sample rules of single ops met by traced parameters: ``register_op_rule``
+  (:mod:`~lightning_dp.engine.fallback.op_rules`).
+
+A layer without any rule needs nothing: the fallback covers it, and the first micro-batch is checked against autograd.
+"""
 
 from torch import nn
 

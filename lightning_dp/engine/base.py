@@ -10,7 +10,6 @@ only says how it captures a micro-batch and how its per-sample squared norms and
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,22 +19,28 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_dp.clipping import ClippingMode, clip_factors, per_layer_bound
-from lightning_dp.engine.contributions import Contribution, PerSampleGradients, merge_shared
+from lightning_dp.clipping import ClippingMode, clip_factors
+from lightning_dp.engine.contributions import (
+    Contribution,
+    PerSampleGradients,
+    add_into,
+    apply_masks,
+    merge_shared,
+    rounding_bound,
+    squared_norms,
+)
+from lightning_dp.engine.crosscheck import check_contributions, check_tolerance
 from lightning_dp.engine.fallback import FunctionalFallback
 from lightning_dp.engine.layers import (
     BroadcastParameter,
-    check_sums_against_autograd,
-    check_tolerance,
+    check_batch_dimension,
+    check_layer_output,
     full_precision_matmuls,
-    in_backward,
     per_sample_broadcast,
     trainable_parameters,
 )
-from lightning_dp.errors import DPMisconfigurationError, NonFiniteGradientError, UnsupportedLayerError
-
-NonFiniteMode = Literal["skip", "error"]
-NONFINITE_MODES = ("skip", "error")
+from lightning_dp.engine.nonfinite import NONFINITE_MODES, NonFiniteCounter, NonFiniteMode
+from lightning_dp.engine.per_layer import PerLayerClipper
 
 #: Methods of :class:`ClippingEngine` that own the privacy rules; a subclass that overrides one fails to define.
 _FINAL_METHODS = ("clip_and_accumulate", "probe_norms", "capture", "pop_summed", "pop_nonfinite")
@@ -74,13 +79,11 @@ class ClippingEngine(ABC):
     :class:`~lightning_dp.engine.fallback.FunctionalFallback` (``torch.func`` per example, at the op that uses them
     or the smallest module that keeps the batch first); its groups join the engine's in the template.
 
-    Non-finite examples: an example whose per-sample gradient norm is NaN or infinite (a NaN/inf input row, a
-    ``log(0)`` loss, an overflow; also a finite gradient whose squared norm overflows fp32) adds exactly zero to the
-    clipped sum: its stored rows are zeroed (``torch.where``, as ``0 · NaN = NaN``), its factor is computed from a
-    zero norm, and it is counted in :attr:`last_nonfinite` and the running count :meth:`pop_nonfinite`. The norms
-    returned keep its NaN/inf entry. With ``nonfinite="error"`` a :class:`~lightning_dp.errors.NonFiniteGradientError`
-    is raised instead. The autograd cross-check is deferred to the next micro-batch when the current one has a
-    non-finite example (autograd's ``p.grad`` then sums a NaN/inf and cannot be compared).
+    Non-finite examples (see :mod:`lightning_dp.engine.nonfinite`): an example whose per-sample gradient norm is NaN
+    or infinite adds exactly zero to the clipped sum and is counted in :attr:`last_nonfinite` and the running count
+    :meth:`pop_nonfinite` (or, with ``nonfinite="error"``, raises); the norms returned keep its NaN/inf entry. The
+    autograd cross-check is deferred to the next micro-batch when the current one has a non-finite example
+    (autograd's ``p.grad`` then sums a NaN/inf and cannot be compared).
 
     Args:
         module: the model whose trainable parameters are clipped per sample.
@@ -89,16 +92,17 @@ class ClippingEngine(ABC):
         nonfinite: ``"skip"`` (default) zeroes out and counts examples with a non-finite per-sample gradient norm;
             ``"error"`` raises :class:`~lightning_dp.errors.NonFiniteGradientError`.
 
-    Per-layer clipping: see the module docstring. The parameter groups (:attr:`clipping_groups`) are fixed by the
-    model: each hooked layer's trained parameters (layers sharing a parameter form one group) and each broadcast
-    parameter. In this mode an example whose norm is non-finite in a group adds exactly zero *in that group* (and is
-    counted once); its other groups are clipped as usual.
+    Per-layer clipping: see :mod:`lightning_dp.engine.per_layer` (the template's :attr:`per_layer` collaborator,
+    a :class:`~lightning_dp.engine.per_layer.PerLayerClipper`). The parameter groups (:attr:`clipping_groups`) are
+    fixed by the model: each hooked layer's trained parameters (layers sharing a parameter form one group) and each
+    broadcast parameter. In this mode an example whose norm is non-finite in a group adds exactly zero *in that
+    group* (and is counted once); its other groups are clipped as usual.
 
     Attributes:
         check_against_autograd: on the next micro-batch without non-finite examples, check that the engine's
             per-sample gradients add up to autograd's ``p.grad`` (once per run; reset after the check).
         grad_masks: per parameter, the 0/1 mask applied to its per-sample gradients (see :meth:`set_grad_masks`).
-        last_nonfinite: how many examples of the last clipped micro-batch had a non-finite gradient norm.
+        per_layer: the per-layer clipping of this engine (its groups, bounds and clipping in backward).
 
     Raises:
         UnsupportedLayerError: if a trainable parameter belongs to a layer without a per-sample method.
@@ -123,11 +127,9 @@ class ClippingEngine(ABC):
     ) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
-        if nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}.")
+        self._nonfinite_counter = NonFiniteCounter(nonfinite)
         self.module = module
         self.loss_reduction = loss_reduction
-        self.nonfinite = nonfinite
         self.params: list[nn.Parameter] = trainable_parameters(module)
         self.param_names: dict[nn.Parameter, str] = {}
         for name, p in module.named_parameters():
@@ -139,29 +141,18 @@ class ClippingEngine(ABC):
         self._capturing = False
         self._batch_size = 0
         self._summed: dict[nn.Parameter, Tensor] = {}
-        self._nonfinite_count = 0
-        self.last_nonfinite = 0
         self.check_against_autograd = True
         self.grad_masks: dict[nn.Parameter, Tensor] = {}
         self._ready: list[Contribution] = []
-        self._per_layer_c: float | None = None  # the per-layer C seen last: clip in backward from the next capture
-        self._inline_c: float | None = None  # the C this capture clips with in backward (None: not in backward)
-        self._group_bounds: tuple[float, ...] | None = None  # per-layer bounds C_l by group (None: C/√L each)
-        self._inline_bounds: tuple[float, ...] | None = None  # the C_l this capture clips with in backward
-        self._pending_group_sq: dict[int, Tensor] = {}
-        #: per-sample norms of each clipping group (shape ``(b, L)``) of the last micro-batch clipped per layer
-        self.last_group_norms: Tensor | None = None
-        self._pending: dict[nn.Parameter, Tensor] = {}
-        self._pending_sq: Tensor | None = None
-        self._pending_bad: Tensor | None = None
         self._plan()
-        self._group_ids, self._groups, self._shared_groups = self._plan_clipping_groups()
+        broadcast = [p for *_, p in self._broadcast]
+        self.per_layer = PerLayerClipper(module, self.params, broadcast, self.param_names, type(self).__name__)
         # ---- any-model: the torch.func fallback for what the engine's layer rules do not cover
         self._fallback = FunctionalFallback(
             module,
             self.params,
             self.layer_names,
-            [p for *_, p in self._broadcast],
+            broadcast,
             self.param_names,
             type(self).__name__,
         )
@@ -198,66 +189,17 @@ class ClippingEngine(ABC):
         """Drop what the capture stored (activations, output gradients, per-sample gradients)."""
 
     # ------------------------------------------------------------------ parameter groups
-    def _plan_clipping_groups(self) -> tuple[dict[nn.Parameter, int], list[tuple[nn.Parameter, ...]], set[int]]:
-        """Per trained parameter its group index; the groups: each broadcast parameter alone, every other parameter
-        with the other trained parameters of the module(s) owning it (modules sharing one are merged); and the
-        indices of the groups owned by several modules (their layers' contributions must be merged first).
-        """
-        trained = set(self.params)
-        broadcast = list(dict.fromkeys(p for *_, p in self._broadcast if p in trained))
-        broadcast_set = set(broadcast)
-        parent: dict[int, int] = {}
-
-        def root(x: int) -> int:
-            while parent.setdefault(x, x) != x:
-                x = parent[x]
-            return x
-
-        owner: dict[nn.Parameter, int] = {}
-        shared: set[nn.Parameter] = set()
-        for mod in self.module.modules():
-            for p in mod._parameters.values():
-                if p is None or p not in trained or p in broadcast_set:
-                    continue
-                if p in owner:
-                    parent[root(owner[p])] = root(id(mod))
-                    shared.add(p)
-                owner[p] = id(mod)
-                parent[root(id(mod))] = root(id(mod))
-        members: dict[int, list[nn.Parameter]] = {}
-        for p in self.params:
-            if p in owner:
-                members.setdefault(root(owner[p]), []).append(p)
-        groups = [(p,) for p in broadcast] + [tuple(ps) for ps in members.values()]
-        ids = {p: i for i, ps in enumerate(groups) for p in ps}
-        return ids, groups, {ids[p] for p in shared}
-
     @property
     def clipping_groups(self) -> list[tuple[str, ...]]:
         """The parameter groups of per-layer clipping (parameter names), each bounded by ``C/√L`` with ``L`` their
         number (:func:`lightning_dp.clipping.per_layer_bound`), or by its own ``C_l`` (:meth:`set_clipping_bound`).
         """
-        return [tuple(self.param_names.get(p, "?") for p in group) for group in self._groups]
+        return self.per_layer.clipping_groups
 
-    def _group_id(self, group: Contribution) -> int:
-        ids = {self._group_ids[p] for p in group.params}
-        if len(ids) != 1:
-            raise RuntimeError(
-                f"{type(self).__name__} gave the group {group.name!r} with parameters of {len(ids)} clipping groups;"
-                " a contribution must lie within one layer's parameters (or one shared-parameter group)."
-            )
-        return ids.pop()
-
-    def _split_by_clipping_group(self, group: Contribution) -> list[Contribution]:
-        """``group`` as pieces that each lie within one clipping group: a fallback unit's per-sample gradients may
-        span several layers (their norms are then summed per clipping group, as for any group split in pieces).
-        """
-        if len({self._group_ids[p] for p in group.params}) <= 1 or not isinstance(group, PerSampleGradients):
-            return [group]
-        pieces: dict[int, dict[nn.Parameter, Tensor]] = {}
-        for p, gs in group.grads.items():
-            pieces.setdefault(self._group_ids[p], {})[p] = gs
-        return [PerSampleGradients(f"{group.name}[{i}]", grads) for i, grads in pieces.items()]
+    @property
+    def last_group_norms(self) -> Tensor | None:
+        """Per-sample norms of each clipping group (shape ``(b, L)``) of the last micro-batch clipped per layer."""
+        return self.per_layer.last_group_norms
 
     @contextmanager
     def _layer_work(self, full_precision: bool = True) -> Iterator[None]:
@@ -288,26 +230,16 @@ class ClippingEngine(ABC):
         """
         if (
             group.params
-            and self._inline_c is not None
+            and self.per_layer.in_backward
             and not defer
             and not self._fallback.covers(group)  # replaced by its fallback unit's group: clipping it would count twice
-            and self._clips_in_backward(group)
+            and self.per_layer.clips_in_backward(group)
         ):
             with full_precision_matmuls():
                 self._apply_masks([group])
-                self._clip_groups_per_layer([(self._group_id(group), [group])], self._inline_c, sync_each=True)
+                self.per_layer.clip_now(group)
         else:
             self._ready.append(group)
-
-    def _clips_in_backward(self, group: Contribution) -> bool:
-        """A group is clipped in backward if it is a whole clipping group of one layer and not tiny: per-sample
-        gradients of vector parameters only (norm scales, biases) are as small as a row of activations and wait for
-        clipping time, where all waiting groups share one host synchronisation.
-        """
-        gid = self._group_id(group)
-        if gid in self._shared_groups or set(group.params) != set(self._groups[gid]):
-            return False
-        return not (isinstance(group, PerSampleGradients) and all(p.dim() <= 1 for p in group.params))
 
     # ------------------------------------------------------------------ configuration
     def set_clipping_bound(self, max_grad_norm: float, group_bounds: Sequence[float] | None = None) -> None:
@@ -323,25 +255,7 @@ class ClippingEngine(ABC):
             DPMisconfigurationError: for bounds that are not one positive finite number per group, or whose
                 root sum of squares exceeds C.
         """
-        if group_bounds is not None:
-            bounds = tuple(float(b) for b in group_bounds)
-            if len(bounds) != len(self._groups) or not all(b > 0 and math.isfinite(b) for b in bounds):
-                raise DPMisconfigurationError(
-                    f"Per-layer clipping needs one positive finite bound per clipping group ({len(self._groups)}"
-                    f" groups: {self.clipping_groups}), got {list(bounds)}."
-                )
-            total = math.sqrt(sum(b * b for b in bounds))
-            if total > float(max_grad_norm) * (1 + 1e-9):
-                raise DPMisconfigurationError(
-                    f"The per-layer bounds have sqrt(Σ C_l²) = {total:.6g} > max_grad_norm = {max_grad_norm}: one"
-                    " example's clipped contribution could then exceed C, the sensitivity the noise is scaled to."
-                    " Set max_grad_norm to at least sqrt(Σ C_l²)."
-                )
-            self._group_bounds = bounds
-        else:
-            self._group_bounds = None
-        if self._per_layer_c is not None:
-            self._per_layer_c = float(max_grad_norm)
+        self.per_layer.set_bounds(max_grad_norm, group_bounds)
 
     def set_grad_masks(self, masks: dict[nn.Parameter, Tensor]) -> None:
         """Restrict per-sample gradients to masked coordinates *before* norms and clipping (e.g. the rows kept by
@@ -370,17 +284,7 @@ class ClippingEngine(ABC):
         """
         if not self._capturing or not torch.is_grad_enabled():
             return False
-        if in_backward():
-            raise DPMisconfigurationError(
-                f"Layer {type(mod).__name__} ran its forward during backward: gradient checkpointing (activation"
-                " recomputation) is not compatible with per-sample gradient hooks. Disable it, e.g."
-                " `model.set_grad_checkpointing(False)` for timm models."
-            )
-        if not isinstance(output, Tensor):
-            raise UnsupportedLayerError(
-                f"Layer '{self._fallback.name_of(mod)}' ({type(mod).__name__}) returned {type(output).__name__}, not a"
-                " tensor; its per-sample rule needs a single tensor output."
-            )
+        check_layer_output(self._fallback.name_of(mod), mod, output)
         return self._fallback.accepts(mod, output)  # any-model: not inside a unit, batch first (else re-planned)
 
     def _check_batch_dimension(self, mod: nn.Module, grad: Tensor) -> None:
@@ -389,13 +293,7 @@ class ClippingEngine(ABC):
         Raises:
             DPMisconfigurationError: otherwise.
         """
-        b = self._batch_size
-        if grad.shape[0] != b:
-            raise DPMisconfigurationError(
-                f"Layer '{self._fallback.name_of(mod)}' ({type(mod).__name__}) saw a batch dimension of"
-                f" {grad.shape[0]} but the micro-batch has {b} examples. Per-sample gradients need every layer's first"
-                " dimension to index the examples (do not fold sequence or crop dimensions into the batch)."
-            )
+        check_batch_dimension(self._fallback.name_of(mod), mod, grad, self._batch_size)
 
     @final
     @contextmanager
@@ -416,10 +314,9 @@ class ClippingEngine(ABC):
         self._batch_size = batch_size
         for p in self.params:
             p.grad = None
-        self._reset_pending()
+        self._ready = []
         # Per-layer clipping in backward once the mode is known and autograd's sums are not needed any more.
-        self._inline_c = None if self.check_against_autograd else self._per_layer_c
-        self._inline_bounds = self._group_bounds
+        self.per_layer.start(batch_size, self._scale(), self.params[0].device, checking=self.check_against_autograd)
         broadcast_grads: dict[nn.Parameter, Tensor] = {}
         self._broadcast_grads = broadcast_grads
         self._start_capture()
@@ -452,187 +349,46 @@ class ClippingEngine(ABC):
         return merge_shared([g for g in groups if g.params])
 
     def _check_sums(self, groups: list[Contribution]) -> None:
-        """Compare each group's Σ_i g_i with autograd's ``p.grad`` (see :func:`check_sums_against_autograd`)."""
-        ones = torch.ones(self._batch_size, device=self.params[0].device, dtype=torch.float32)
-        totals: dict[nn.Parameter, Tensor] = {}
-        spread: dict[nn.Parameter, Tensor] = {}
-        group_of: dict[nn.Parameter, Contribution] = {}
-        for g in groups:
-            sums = g.clipped_sum(ones)
-            totals.update(sums)
-            width = g.squared_norms().clamp(min=0).sqrt().sum()
-            for p in sums:
-                spread[p], group_of[p] = width, g
+        """Compare each group's Σ_i g_i with autograd's ``p.grad`` (see :mod:`lightning_dp.engine.crosscheck`)."""
         rtol = check_tolerance(self._fallback.dtypes_seen())
-        explain = lambda p: self._fallback.explain(p, group_of.get(p))  # noqa: E731
-        check_sums_against_autograd(self.params, totals, self.param_names, spread, rtol, explain)
+        check_contributions(groups, self.params, self.param_names, self._batch_size, rtol, self._fallback.explain)
 
     def _apply_masks(self, groups: list[Contribution]) -> bool:
-        """Mask the per-sample gradients of masked parameters; whether any group changed.
-
-        Raises:
-            RuntimeError: if a masked parameter is in a group without materialised per-sample gradients.
-        """
-        if not self.grad_masks:
-            return False
-        changed = False
-        for g in groups:
-            if isinstance(g, PerSampleGradients):
-                changed |= g.mask(self.grad_masks)
-            elif any(p in self.grad_masks for p in g.params):
-                raise RuntimeError(
-                    f"{type(self).__name__} gave the masked parameter group {g.name!r} as {type(g).__name__};"
-                    " a masked group must be PerSampleGradients (masks act on per-sample gradient coordinates)."
-                )
-        return changed
-
-    @staticmethod
-    def _squared_norms(groups: list[Contribution], b: int, device: torch.device) -> Tensor:
-        """Per-sample squared norms over all groups (flat clipping: the sum of the groups'), fp32."""
-        sq = torch.zeros(b, device=device, dtype=torch.float32)
-        for g in groups:
-            sq += g.squared_norms()
-        return sq
-
-    def _nonfinite_examples(self, groups: list[Contribution], sq: Tensor) -> Tensor:
-        """Count the examples with a non-finite norm; zero them out (``"skip"``) or raise (``"error"``).
-
-        Returns:
-            ``(b,)`` booleans, True for the finite examples.
-
-        Raises:
-            NonFiniteGradientError: with ``nonfinite="error"``, if any example's norm is NaN or infinite.
-        """
-        finite = torch.isfinite(sq)
-        if self._count_nonfinite(~finite) == 0:
-            return finite
-        for g in groups:
-            g.zero_examples(finite)
-        return finite
+        """Mask the per-sample gradients of masked parameters (see :func:`apply_masks`); whether any group changed."""
+        return apply_masks(groups, self.grad_masks, type(self).__name__)
 
     def _count_nonfinite(self, bad: Tensor) -> int:
-        """Count the examples flagged in ``bad`` (``(b,)`` booleans) as non-finite, or raise (``"error"``).
+        """Count the examples flagged in ``bad`` as non-finite, or raise (see :class:`NonFiniteCounter`)."""
+        return self._nonfinite_counter.count(bad)
 
-        Raises:
-            NonFiniteGradientError: with ``nonfinite="error"``, if any is flagged.
-        """
-        count = int(bad.sum())  # one host sync per micro-batch: the branches need it
-        self.last_nonfinite = count
-        if count == 0:
-            return 0
-        if self.nonfinite == "error":
-            indices = tuple(int(i) for i in torch.nonzero(bad).flatten().tolist())
-            raise NonFiniteGradientError(
-                f"{count} of the {bad.shape[0]} examples of this micro-batch have a non-finite (NaN or infinite)"
-                f" per-sample gradient norm (positions {list(indices)} in the micro-batch). Look for NaN/inf in"
-                " those examples' inputs and per-sample losses (torch.isfinite), a log(0) or a division by zero in"
-                " the loss, or an fp16 overflow. To train on while dropping such examples (each adds exactly zero"
-                " to the clipped sum, and is counted), build the engine with nonfinite='skip'.",
-                count=count,
-                indices=indices,
-            )
-        self._nonfinite_count += count
-        return count
+    @property
+    def nonfinite(self) -> NonFiniteMode:
+        """``"skip"`` or ``"error"``: what a non-finite example does (see :mod:`lightning_dp.engine.nonfinite`)."""
+        return self._nonfinite_counter.mode
 
-    def _reset_pending(self) -> None:
-        self._ready = []
-        self._pending = {}
-        self._pending_sq = None
-        self._pending_bad = None
-        self._pending_group_sq = {}
+    @property
+    def last_nonfinite(self) -> int:
+        """How many examples of the last clipped micro-batch had a non-finite gradient norm."""
+        return self._nonfinite_counter.last
 
     def _release(self) -> None:
         """Clear ``p.grad`` (it holds the micro-batch's non-private gradient) and free the capture."""
         for p in self.params:
             p.grad = None
         self._broadcast_grads = {}
-        self._reset_pending()
-        self._inline_c = None
+        self._ready = []
+        self.per_layer.release()
         self._free_capture()
         self._fallback.free()
 
-    @staticmethod
-    def _rounding(groups: list[Contribution]) -> Tensor | None:
-        """``sqrt(Σ_groups r_g²)``: a bound on how far the groups' clipped sums may move an example by rounding,
-        per unit of its factor (None if every group's sum is exact to fp32).
-        """
-        parts = [r for r in (g.rounding_bounds() for g in groups) if r is not None]
-        if not parts:
-            return None
-        return torch.stack(parts).pow(2).sum(0).sqrt()
-
-    def _accumulate(self, target: dict[nn.Parameter, Tensor], group: Contribution, factors: Tensor) -> None:
-        for p, value in group.clipped_sum(factors).items():
-            acc = target.get(p)
-            target[p] = value if acc is None else acc + value
-
-    # ------------------------------------------------------------------ per-layer clipping
-    def _clip_groups_per_layer(
-        self, clipping_groups: list[tuple[int, list[Contribution]]], c: float, sync_each: bool
-    ) -> None:
-        """Clip each clipping group (its index and a list of its contributions) by ``C_l`` (``C/√L`` unless set by
-        :meth:`set_clipping_bound`) into the pending sum.
-
-        Squared norms and non-finite flags accumulate in ``_pending_sq`` / ``_pending_bad`` (and per group in
-        ``_pending_group_sq``). Examples with a
-        non-finite norm in a group are zeroed out in that group; the check costs one host synchronisation per call,
-        or per group with ``sync_each`` (a group clipped in backward must be clean before it is dropped).
-        """
-        scale = self._scale()
-        bounds = self._inline_bounds if self._inline_c is not None else self._group_bounds
-        equal = per_layer_bound(c, len(self._groups))
-        parts: list[tuple[list[Contribution], Tensor, float]] = []
-        for gid, contributions in clipping_groups:
-            sq = self._squared_norms(contributions, self._batch_size, self.params[0].device)
-            self._pending_sq = sq if self._pending_sq is None else self._pending_sq + sq
-            prior = self._pending_group_sq.get(gid)
-            self._pending_group_sq[gid] = sq if prior is None else prior + sq
-            bad = ~torch.isfinite(sq)
-            self._pending_bad = bad if self._pending_bad is None else self._pending_bad | bad
-            parts.append((contributions, sq, equal if bounds is None else bounds[gid]))
-            if sync_each:
-                self._clip_parts(parts, scale)
-                parts = []
-        if parts:
-            self._clip_parts(parts, scale)
-
-    def _clip_parts(self, parts: list[tuple[list[Contribution], Tensor, float]], scale: float) -> None:
-        finite = [torch.isfinite(sq) for _, sq, _ in parts]
-        if bool(torch.stack([~f for f in finite]).any()):  # the one host sync of these groups
-            for (contributions, _, _), keep in zip(parts, finite):
-                for g in contributions:
-                    g.zero_examples(keep)
-        for (contributions, sq, bound), keep in zip(parts, finite):
-            norms = torch.where(keep, sq, 0.0).sqrt() * scale
-            r = self._rounding(contributions)
-            if r is not None:
-                norms = norms + torch.where(keep, r, 0.0) * scale
-            factors = clip_factors(norms, bound, "flat") * scale
-            for g in contributions:
-                self._accumulate(self._pending, g, factors)
-
     def _finish_per_layer(self, groups: list[Contribution], c: float) -> Tensor:
-        """Clip the groups not clipped in backward, then count non-finite examples (or raise) and add the pending
-        sum to the running sum. Returns the flat per-sample norms.
+        """Clip the groups not clipped in backward by their layer bounds, then count non-finite examples (or raise)
+        and add the micro-batch's clipped sum to the running sum. Returns the flat per-sample norms.
         """
-        by_id: dict[int, list[Contribution]] = {}
-        for g in groups:
-            for part in self._split_by_clipping_group(g):
-                by_id.setdefault(self._group_id(part), []).append(part)
-        self._clip_groups_per_layer(list(by_id.items()), c, sync_each=False)
-        b = self._batch_size
-        device = self.params[0].device
-        per_group = torch.zeros(b, len(self._groups), device=device)
-        for gid, gsq in self._pending_group_sq.items():
-            per_group[:, gid] = gsq
-        self.last_group_norms = per_group.sqrt() * self._scale()
-        sq = self._pending_sq if self._pending_sq is not None else torch.zeros(b, device=device)
-        bad = self._pending_bad if self._pending_bad is not None else torch.zeros(b, dtype=torch.bool, device=device)
-        self._count_nonfinite(bad)
-        for p, value in self._pending.items():
-            acc = self._summed.get(p)
-            self._summed[p] = value if acc is None else acc + value
-        return (sq * self._scale() ** 2).sqrt()
+        result = self.per_layer.finish(groups, c)
+        self._count_nonfinite(result.nonfinite)
+        add_into(self._summed, result.summed)
+        return result.norms
 
     @final
     def clip_and_accumulate(
@@ -670,50 +426,32 @@ class ClippingEngine(ABC):
         device = self.params[0].device
         try:
             with full_precision_matmuls():
-                self._check_backward_clipping(max_grad_norm, clipping)
+                self.per_layer.check_mode(max_grad_norm, clipping)
                 groups = self._gather()
-                sq = self._squared_norms(groups, b, device)
+                sq = squared_norms(groups, b, device)
                 if self.check_against_autograd and bool(torch.isfinite(sq).all()):
                     self._check_sums(groups)  # before masks: autograd's p.grad is unmasked
                     self.check_against_autograd = False  # once per run: it costs an extra pass
                 if self._apply_masks(groups):
-                    sq = self._squared_norms(groups, b, device)
+                    sq = squared_norms(groups, b, device)
                 if clipping == "per_layer":
                     norms = self._finish_per_layer(groups, max_grad_norm)
-                    self._per_layer_c = float(max_grad_norm)  # from now on: in backward
+                    self.per_layer.record_mode(clipping, max_grad_norm)  # from now on: in backward
                     return norms
-                self._per_layer_c = None  # a norm over all groups: nothing can be clipped in backward
-                self.last_group_norms = None
-                finite = self._nonfinite_examples(groups, sq)
+                self.per_layer.record_mode(clipping, max_grad_norm)  # a norm over all groups: not in backward
+                finite = self._nonfinite_counter.zero_out(groups, sq)
                 norms = (sq * scale**2).sqrt()
                 bounds = norms
-                r = self._rounding(groups)
+                r = rounding_bound(groups)
                 if r is not None:
                     bounds = norms + r * scale
                 safe = bounds if self.last_nonfinite == 0 else torch.where(finite, bounds, 0.0)
                 factors = clip_factors(safe, max_grad_norm, clipping, stability) * scale
                 for g in groups:
-                    self._accumulate(self._summed, g, factors)
+                    add_into(self._summed, g.clipped_sum(factors))
                 return norms
         finally:
             self._release()
-
-    def _check_backward_clipping(self, max_grad_norm: float, clipping: str) -> None:
-        """The micro-batch may have been clipped in backward (per-layer, with the C of the previous call).
-
-        Raises:
-            DPMisconfigurationError: if it was, with another mode or C than asked for now.
-        """
-        ran = self._inline_c is not None and self._pending_sq is not None
-        changed = float(max_grad_norm) != self._inline_c or self._inline_bounds != self._group_bounds
-        if ran and (clipping != "per_layer" or changed):
-            raise DPMisconfigurationError(
-                f"This micro-batch was clipped per layer during its backward pass with max_grad_norm={self._inline_c}"
-                f" (the setting of the previous micro-batch), but clip_and_accumulate was called with"
-                f" clipping={clipping!r}, max_grad_norm={max_grad_norm}. Per-layer clipping runs in backward, so the"
-                " clipping mode and bound must stay the same between micro-batches; build a new engine to change"
-                " them."
-            )
 
     @final
     def probe_norms(self) -> Tensor:
@@ -730,9 +468,10 @@ class ClippingEngine(ABC):
             with full_precision_matmuls():
                 groups = self._gather()
                 self._apply_masks(groups)
-                sq = self._squared_norms(groups, self._batch_size, self.params[0].device)
-                if self._pending_sq is not None:  # groups clipped in backward (their sum is discarded)
-                    sq = sq + self._pending_sq
+                sq = squared_norms(groups, self._batch_size, self.params[0].device)
+                pending = self.per_layer.pending_sq
+                if pending is not None:  # groups clipped in backward (their sum is discarded)
+                    sq = sq + pending
                 return (sq * self._scale() ** 2).sqrt()
         finally:
             self._release()
@@ -749,8 +488,7 @@ class ClippingEngine(ABC):
     @final
     def pop_nonfinite(self) -> int:
         """How many examples were zeroed out for a non-finite gradient norm since the last call, and reset."""
-        count, self._nonfinite_count = self._nonfinite_count, 0
-        return count
+        return self._nonfinite_counter.pop()
 
 
 __all__ = ["NONFINITE_MODES", "ClippingEngine", "NonFiniteMode"]

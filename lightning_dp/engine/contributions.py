@@ -186,4 +186,63 @@ def merge_shared(contributions: list[Contribution]) -> list[Contribution]:
     return [c for c in out if c is not None]
 
 
-__all__ = ["Contribution", "PerSampleGradients", "merge_shared", "zero_examples_of"]
+def apply_masks(groups: list[Contribution], masks: dict[nn.Parameter, Tensor], owner: str) -> bool:
+    """Mask the per-sample gradients of the masked parameters in ``groups``; whether any group changed.
+
+    Args:
+        groups: the micro-batch's contributions.
+        masks: per parameter, a 0/1 tensor broadcastable to its shape.
+        owner: the engine's name (diagnostics).
+
+    Raises:
+        RuntimeError: if a masked parameter is in a group without materialised per-sample gradients.
+    """
+    if not masks:
+        return False
+    changed = False
+    for g in groups:
+        if isinstance(g, PerSampleGradients):
+            changed |= g.mask(masks)
+        elif any(p in masks for p in g.params):
+            raise RuntimeError(
+                f"{owner} gave the masked parameter group {g.name!r} as {type(g).__name__};"
+                " a masked group must be PerSampleGradients (masks act on per-sample gradient coordinates)."
+            )
+    return changed
+
+
+def squared_norms(groups: list[Contribution], b: int, device: torch.device) -> Tensor:
+    """Per-sample squared norms over all ``groups`` (the sum of the groups'), ``(b,)`` in fp32."""
+    sq = torch.zeros(b, device=device, dtype=torch.float32)
+    for g in groups:
+        sq += g.squared_norms()
+    return sq
+
+
+def rounding_bound(groups: list[Contribution]) -> Tensor | None:
+    """``sqrt(Σ_groups r_g²)``: a bound on how far the groups' clipped sums may move an example by rounding, per unit
+    of its factor (None if every group's sum is exact to fp32).
+    """
+    parts = [r for r in (g.rounding_bounds() for g in groups) if r is not None]
+    if not parts:
+        return None
+    return torch.stack(parts).pow(2).sum(0).sqrt()
+
+
+def add_into(target: dict[nn.Parameter, Tensor], sums: dict[nn.Parameter, Tensor]) -> None:
+    """Add ``sums`` (per parameter) into the running sums ``target`` (a parameter seen first is stored as is)."""
+    for p, value in sums.items():
+        acc = target.get(p)
+        target[p] = value if acc is None else acc + value
+
+
+__all__ = [
+    "Contribution",
+    "PerSampleGradients",
+    "add_into",
+    "apply_masks",
+    "merge_shared",
+    "rounding_bound",
+    "squared_norms",
+    "zero_examples_of",
+]

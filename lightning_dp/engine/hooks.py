@@ -126,7 +126,7 @@ class HookEngine(ClippingEngine):
         Raises:
             RuntimeError: under per-layer clipping in backward (the layers' per-sample gradients are already freed).
         """
-        if self._inline_c is not None:
+        if self.per_layer.in_backward:
             raise RuntimeError(
                 "HookEngine.per_sample_gradients: under per-layer clipping the layers were clipped inside the backward"
                 " pass and their per-sample gradients freed; read them with clipping='flat' (or on the checked first"

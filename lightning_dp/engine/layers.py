@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dp.clipping import CLIP_EPS
+from lightning_dp.engine.crosscheck import check_sums_against_autograd, check_tolerance
 from lightning_dp.engine.rules import broadcast_parameter_names
 from lightning_dp.errors import DPMisconfigurationError, UnsupportedLayerError
 
@@ -40,6 +41,45 @@ def full_precision_matmuls() -> Iterator[None]:
 def in_backward() -> bool:
     """Whether autograd is running a backward pass now (a forward then is activation recomputation)."""
     return torch._C._current_graph_task_id() != -1
+
+
+def check_layer_output(name: str, mod: nn.Module, output: Any) -> None:
+    """In a hooked layer's forward, while capturing: the call can be recorded.
+
+    Args:
+        name: the layer's name in the model (diagnostics).
+        mod: the layer.
+        output: what its forward returned.
+
+    Raises:
+        DPMisconfigurationError: if the forward runs during backward (activation recomputation).
+        UnsupportedLayerError: if the layer's output is not a single tensor.
+    """
+    if in_backward():
+        raise DPMisconfigurationError(
+            f"Layer {type(mod).__name__} ran its forward during backward: gradient checkpointing (activation"
+            " recomputation) is not compatible with per-sample gradient hooks. Disable it, e.g."
+            " `model.set_grad_checkpointing(False)` for timm models."
+        )
+    if not isinstance(output, Tensor):
+        raise UnsupportedLayerError(
+            f"Layer '{name}' ({type(mod).__name__}) returned {type(output).__name__}, not a"
+            " tensor; its per-sample rule needs a single tensor output."
+        )
+
+
+def check_batch_dimension(name: str, mod: nn.Module, grad: Tensor, batch_size: int) -> None:
+    """In a hooked layer's backward: the output gradient's first dimension must index the micro-batch's examples.
+
+    Raises:
+        DPMisconfigurationError: otherwise.
+    """
+    if grad.shape[0] != batch_size:
+        raise DPMisconfigurationError(
+            f"Layer '{name}' ({type(mod).__name__}) saw a batch dimension of"
+            f" {grad.shape[0]} but the micro-batch has {batch_size} examples. Per-sample gradients need every layer's"
+            " first dimension to index the examples (do not fold sequence or crop dimensions into the batch)."
+        )
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -137,62 +177,12 @@ def per_sample_broadcast(
                 grads[p] = e.grad.float().reshape(batch_size, *p.shape)
 
 
-def check_tolerance(dtypes: list[torch.dtype]) -> float:
-    """Relative tolerance of the autograd cross-check, scaled to the least precise dtype the micro-batch was computed
-    in, not a fixed percentage: 64 units in the last place of fp32 (≈ 7.6e-6; the engines form norms and sums in fp32,
-    so fp64 models are checked at fp32 precision), 16 of bf16/fp16 under autocast (≈ 0.125 in bf16: autograd's own
-    bf16 parameter gradients are that far from exact, measured up to 4.5 units on the model zoo).
-    """
-    eps = max(torch.finfo(d).eps for d in [torch.float32, *dtypes])
-    return 64 * eps if eps <= torch.finfo(torch.float32).eps else 16 * eps
-
-
-def check_sums_against_autograd(
-    params: list[nn.Parameter],
-    totals: dict[nn.Parameter, Tensor],
-    names: dict[nn.Parameter, str],
-    spread: dict[nn.Parameter, Tensor] | None = None,
-    rtol: float = 64 * torch.finfo(torch.float32).eps,
-    explain: Callable[[nn.Parameter], str] | None = None,
-) -> None:
-    """Compare an engine's Σ_i g_i with autograd's ``p.grad``, up to rounding.
-
-    The error allowed is ``rtol · (‖p.grad‖ + Σ_i ‖g_i‖)``: rounding in a sum of per-sample gradients scales with the
-    per-sample gradients, which can be much larger than their sum when they cancel. A rule that is wrong, a layout it
-    does not handle, or a use of the parameter that no rule saw shows as an error far above that.
-
-    Args:
-        params: the parameters to check (those with ``p.grad is None`` are skipped).
-        totals: per parameter, the engine's sum of per-sample gradients (absent: zero).
-        names: parameter names for the message.
-        spread: per parameter, ``Σ_i ‖g_i‖`` of its group (an upper bound of its own); absent: 0.
-        rtol: the relative tolerance (see :func:`check_tolerance`).
-        explain: the likely cause for a parameter that fails (named in the message).
-
-    Raises:
-        DPMisconfigurationError: if a sum is off by more than the tolerance.
-    """
-    spread = spread or {}
-    for p in params:
-        if p.grad is None:
-            continue
-        ref = p.grad.float()
-        total = totals.get(p)
-        err = ref.norm() if total is None else (total.float() - ref).norm()
-        scale = ref.norm() + spread.get(p, torch.zeros(()))
-        if not bool(err <= rtol * scale + torch.finfo(torch.float32).tiny):
-            cause = explain(p) if explain is not None else "a rule that is wrong for this layer, or a use it cannot see"
-            raise DPMisconfigurationError(
-                f"The per-sample gradients of '{names.get(p, '?')}' do not add up to its gradient: relative error"
-                f" {float(err / (ref.norm() + 1e-30)):.3g} (tolerance {rtol:.2g} of the per-sample gradients' scale)."
-                f" Cause: {cause}"
-            )
-
-
 __all__ = [
     "CLIP_EPS",
     "BroadcastParameter",
     "bound_inputs",
+    "check_batch_dimension",
+    "check_layer_output",
     "check_sums_against_autograd",
     "check_tolerance",
     "in_backward",

@@ -23,11 +23,9 @@ from torch import Tensor, nn
 
 GradSampleRule = Callable[[nn.Module, list[Tensor], Tensor], dict[nn.Parameter, Tensor]]
 
-_RULES: dict[type[nn.Module], GradSampleRule] = {}
+#: per layer type, its per-sample gradient rule and which configurations it supports (None: all)
+_RULES: dict[type[nn.Module], tuple[GradSampleRule, Callable[[nn.Module], bool] | None]] = {}
 _BROADCAST_PARAMETERS: dict[type[nn.Module], tuple[str, ...]] = {}
-
-
-_SUPPORTS: dict[type[nn.Module], Callable[[nn.Module], bool]] = {}
 
 
 def register_grad_sampler(
@@ -47,11 +45,7 @@ def register_grad_sampler(
 
     def decorator(fn: GradSampleRule) -> GradSampleRule:
         for t in module_types:
-            _RULES[t] = fn
-            if supports is not None:
-                _SUPPORTS[t] = supports
-            else:
-                _SUPPORTS.pop(t, None)
+            _RULES[t] = (fn, supports)
         return fn
 
     return decorator
@@ -85,9 +79,9 @@ def find_rule(module: nn.Module) -> GradSampleRule | None:
     from opacus.grad_sample import GradSampleModule
 
     for t in same_forward_bases(module):
-        rule = _RULES.get(t)
-        if rule is not None:
-            supports = _SUPPORTS.get(t)
+        entry = _RULES.get(t)
+        if entry is not None:
+            rule, supports = entry
             return rule if supports is None or supports(module) else None
         rule = GradSampleModule.GRAD_SAMPLERS.get(t)
         if rule is not None:

@@ -138,19 +138,31 @@ def _group_norm_normalize(full: list[Any]) -> Tensor:
     return F.group_norm(full[0].float(), full[1], eps=full[4] if full[4] is not None else 1e-5)
 
 
+#: the closed-form op rules by op name (the out-of-place name; see :func:`register_op_rule`)
 OP_RULES: dict[str, OpRule] = {}
-for _name in ("mul", "__mul__", "__rmul__", "mul_", "__imul__"):
-    OP_RULES[_name] = _mul
-for _name in ("add", "__add__", "__radd__", "add_", "__iadd__"):
-    OP_RULES[_name] = _add(1.0, 1.0)
-for _name in ("sub", "__sub__", "sub_", "__isub__"):
-    OP_RULES[_name] = _add(1.0, -1.0)
-OP_RULES["__rsub__"] = _add(-1.0, 1.0)  # self.__rsub__(other) = other - self
-OP_RULES["linear"] = _linear
-for _name in ("cat", "concat", "concatenate"):
-    OP_RULES[_name] = _cat
-OP_RULES["layer_norm"] = _norm(("input", "normalized_shape", "weight", "bias", "eps"), _layer_norm_normalize, False)
-OP_RULES["group_norm"] = _norm(("input", "num_groups", "weight", "bias", "eps"), _group_norm_normalize, True)
 
 
-__all__ = ["OP_RULES", "OpRule"]
+def register_op_rule(rule: OpRule, *names: str) -> OpRule:
+    """Register the closed-form per-sample rule of the ops ``names`` (torch function or Tensor method names).
+
+    Example:
+        >>> register_op_rule(my_rule, "my_op", "__my_op__")  # doctest: +SKIP
+    """
+    for name in names:
+        OP_RULES[name] = rule
+    return rule
+
+
+register_op_rule(_mul, "mul", "__mul__", "__rmul__", "mul_", "__imul__")
+register_op_rule(_add(1.0, 1.0), "add", "__add__", "__radd__", "add_", "__iadd__")
+register_op_rule(_add(1.0, -1.0), "sub", "__sub__", "sub_", "__isub__")
+register_op_rule(_add(-1.0, 1.0), "__rsub__")  # self.__rsub__(other) = other - self
+register_op_rule(_linear, "linear")
+register_op_rule(_cat, "cat", "concat", "concatenate")
+register_op_rule(
+    _norm(("input", "normalized_shape", "weight", "bias", "eps"), _layer_norm_normalize, False), "layer_norm"
+)
+register_op_rule(_norm(("input", "num_groups", "weight", "bias", "eps"), _group_norm_normalize, True), "group_norm")
+
+
+__all__ = ["OP_RULES", "OpRule", "register_op_rule"]

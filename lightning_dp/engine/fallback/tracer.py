@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from lightning_dp.engine.fallback.per_example import BatchedArg, Fingerprint, ForwardState, per_example_vjp
 
 #: calls that expand a tensor along a new or size-1 first dimension: replayed with one row per example
-_BROADCASTS = {"expand", "expand_as", "repeat", "broadcast_to"}
+BROADCASTS = {"expand", "expand_as", "repeat", "broadcast_to"}
 #: calls through which no gradient flows, or that only set autograd flags: passed through, results are constants
 _NO_GRADIENT = {"detach", "detach_", "requires_grad_", "retain_grad", "register_hook", "data", "grad", "_version"}
 
@@ -37,7 +37,7 @@ def no_gradient(func: Any) -> bool:
     """Whether a call neither carries gradient to its result nor computes (``p.detach()``, ``p.data``,
     ``p.requires_grad_()``).
     """
-    name = _name(func)
+    name = op_name(func)
     if name == "__get__":
         name = getattr(getattr(func, "__self__", None), "__name__", name)
     return name in _NO_GRADIENT
@@ -69,7 +69,8 @@ class Derived:
     params: frozenset[nn.Parameter]
 
 
-def _name(func: Any) -> str:
+def op_name(func: Any) -> str:
+    """The name of a torch function or Tensor method (for rules and messages)."""
     return getattr(func, "__name__", type(func).__name__)
 
 
@@ -77,7 +78,7 @@ def out_of_place(func: Any) -> Any:
     """The out-of-place function of an in-place Tensor method (``mul_`` → ``mul``, ``__iadd__`` → ``__add__``), or
     ``func`` itself.
     """
-    name = _name(func)
+    name = op_name(func)
     if name.startswith("__i") and name.endswith("__"):
         return getattr(torch.Tensor, "__" + name[3:], func)
     if name.endswith("_") and not name.endswith("__"):
@@ -92,7 +93,7 @@ def is_in_place(func: Any, kwargs: dict[str, Any]) -> bool:
 
 def _per_example_broadcast(recipe: Recipe, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
     """The call of a broadcasting recipe with one row instead of the batch along dim 0."""
-    name = _name(recipe.func)
+    name = op_name(recipe.func)
     if name == "expand_as":
         return torch.Tensor.expand, (args[0], (1, *args[1].shape[1:])), {}
     if name == "broadcast_to":
@@ -211,7 +212,7 @@ class OpRecord:
         """Per-sample gradients by an op rule (``x * gamma``, ``x + t``, ``F.linear``, norms), or None."""
         from lightning_dp.engine.fallback.op_rules import OP_RULES
 
-        rule = OP_RULES.get(_name(out_of_place(self.func)))
+        rule = OP_RULES.get(op_name(out_of_place(self.func)))
         if rule is None or len(self.out_leaves) != 1:
             return None
         # a tensor expanded to the batch is replayed with one row, broadcast along the batch as the rules expect
@@ -278,4 +279,15 @@ def leaves_of(items: list[tuple[str, Any]]) -> set[nn.Parameter]:
     return out
 
 
-__all__ = ["Derived", "OpRecord", "Recipe", "Replay", "is_in_place", "leaves_of", "no_gradient", "out_of_place"]
+__all__ = [
+    "BROADCASTS",
+    "Derived",
+    "OpRecord",
+    "Recipe",
+    "Replay",
+    "is_in_place",
+    "leaves_of",
+    "no_gradient",
+    "op_name",
+    "out_of_place",
+]

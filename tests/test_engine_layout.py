@@ -1,0 +1,158 @@
+"""The engine's layout (issue 21): one home per concept, the size bar, no import cycle, public import paths kept, and
+per-layer clipping held by the template as its own collaborator.
+"""
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_dp
+from lightning_dp.engine import ENGINES
+from lightning_dp.engine.fallback import op_rules
+from lightning_dp.engine.per_layer import ClippingGroups, PerLayerClipper
+from lightning_dp.errors import DPMisconfigurationError
+
+ENGINE_DIR = Path(lightning_dp.__file__).parent / "engine"
+MODULES = sorted(ENGINE_DIR.rglob("*.py"))
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ENGINE_DIR.parent.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ENGINE_DIR)))
+def test_no_engine_module_over_600_lines_nor_class_over_450(path):
+    source = path.read_text()
+    assert len(source.splitlines()) <= 600, f"{path.name} has {len(source.splitlines())} lines"
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef):
+            size = node.end_lineno - node.lineno + 1
+            assert size <= 450, f"{path.name}: class {node.name} has {size} lines"
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The engine modules ``path`` imports (function-level and TYPE_CHECKING imports included)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            # ``from pkg import submodule`` imports the submodule; ``from pkg import name`` imports pkg
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        for t in targets:
+            while t and t not in modules:
+                t = t.rsplit(".", 1)[0] if "." in t else ""
+            if t and t != name:
+                out.add(t)
+    return out
+
+
+def test_no_import_cycle_inside_the_engine():
+    modules = {_module_name(p): p for p in MODULES}
+    graph = {m: _imports(p, set(modules)) for m, p in modules.items()}
+    # a package's __init__ imports its submodules; a submodule importing its own package's __init__ is then a cycle
+    state: dict[str, int] = {}
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in graph[m]:
+            if state.get(d) == 1:
+                pytest.fail(f"import cycle: {' -> '.join([*stack[stack.index(d) :], d])}")
+            if d not in state:
+                visit(d, [*stack, d])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+
+
+def test_public_import_paths_still_work():
+    from lightning_dp.engine.base import NONFINITE_MODES, ClippingEngine, NonFiniteMode  # noqa: F401
+    from lightning_dp.engine.crosscheck import check_sums_against_autograd as moved
+    from lightning_dp.engine.crosscheck import check_tolerance as moved_tol
+    from lightning_dp.engine.fallback import FunctionalFallback, UnitRule, register_batch_dims  # noqa: F401
+    from lightning_dp.engine.layers import check_sums_against_autograd, check_tolerance
+
+    assert check_sums_against_autograd is moved and check_tolerance is moved_tol
+    assert NONFINITE_MODES == ("skip", "error")
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.norm = nn.Linear(4, 4), nn.Linear(4, 4), nn.LayerNorm(4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.norm(self.b(self.a(x)))
+
+
+def test_clipping_groups_merge_modules_that_share_a_parameter():
+    model = _Tied()
+    plan = ClippingGroups.plan(model, [p for p in model.parameters() if p.requires_grad], [])
+    names = {p: n for n, p in model.named_parameters()}
+    groups = sorted(sorted(names[p] for p in g) for g in plan.groups)
+    assert groups == [["a.bias", "a.weight", "b.bias"], ["norm.bias", "norm.weight"]]
+    assert plan.shared == {plan.ids[model.a.weight]}
+
+
+@pytest.mark.parametrize("engine_name", sorted(ENGINES))
+def test_the_template_holds_per_layer_clipping_as_a_collaborator(engine_name):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    engine = ENGINES[engine_name](model)
+    assert isinstance(engine.per_layer, PerLayerClipper)
+    assert (
+        engine.clipping_groups == engine.per_layer.clipping_groups == [("0.weight", "0.bias"), ("1.weight", "1.bias")]
+    )
+    engine.set_clipping_bound(1.0, [0.6, 0.8])
+    assert engine.per_layer.group_bounds == (0.6, 0.8)
+    with pytest.raises(DPMisconfigurationError, match="sqrt"):
+        engine.set_clipping_bound(1.0, [0.8, 0.8])
+    with pytest.raises(DPMisconfigurationError, match="one positive finite bound per clipping group"):
+        engine.set_clipping_bound(1.0, [1.0])
+    engine.set_clipping_bound(1.0)
+    assert engine.per_layer.group_bounds is None
+
+
+def test_per_layer_clipper_bounds_each_group_by_its_own_c_l():
+    """Two groups of one example each with norm 3 and 4: with C_l = (0.6, 0.8) each is scaled to its bound."""
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False))
+    params = list(model.parameters())
+    from lightning_dp.engine.contributions import PerSampleGradients
+
+    clipper = PerLayerClipper(model, params, [], {p: str(i) for i, p in enumerate(params)}, "test")
+    clipper.set_bounds(1.0, [0.6, 0.8])
+    clipper.start(1, 1.0, torch.device("cpu"), checking=True)
+    groups = [PerSampleGradients("0", {params[0]: torch.full((1, 1, 1), 3.0)})]
+    groups.append(PerSampleGradients("1", {params[1]: torch.full((1, 1, 1), 4.0)}))
+    result = clipper.finish(groups, 1.0)
+    assert math.isclose(float(result.norms[0]), 5.0, rel_tol=1e-6)
+    assert math.isclose(float(result.summed[params[0]].flatten()[0]), 0.6, rel_tol=1e-5)
+    assert math.isclose(float(result.summed[params[1]].flatten()[0]), 0.8, rel_tol=1e-5)
+    assert torch.allclose(clipper.last_group_norms, torch.tensor([[3.0, 4.0]]))
+
+
+def test_op_rules_have_one_registry_with_one_entry_point():
+    def rule(args, kwargs, tracked, grad, b):
+        return None
+
+    try:
+        assert op_rules.register_op_rule(rule, "my_op", "__my_op__") is rule
+        assert op_rules.OP_RULES["my_op"] is rule and op_rules.OP_RULES["__my_op__"] is rule
+    finally:
+        op_rules.OP_RULES.pop("my_op", None)
+        op_rules.OP_RULES.pop("__my_op__", None)
+    assert op_rules.OP_RULES["mul_"] is op_rules.OP_RULES["mul"]
