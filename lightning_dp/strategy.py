@@ -31,7 +31,6 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -40,6 +39,7 @@ from lightning_dp.accounting import Accountant, MechanismSegment, PrivacyLedger
 from lightning_dp.budget import EpsilonMeter
 from lightning_dp.checkpointing import RunState, restore_run
 from lightning_dp.clipping import ClippingMode, sensitivity
+from lightning_dp.console import notice, warn
 from lightning_dp.engine import build_engine
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError
 from lightning_dp.guards import OneTrainerOnly, check_gradients_written, refuse_accumulation, trainable_set_changed
@@ -348,7 +348,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
                 _sync_module_states(self.model)
             self.setup_precision_plugin()
             return
-        validate_trainer(trainer, self.precision_plugin.precision)
+        validate_trainer(trainer, self.precision_plugin.precision, calibrating=self.target_epsilon is not None)
         validate_module(module)
         self._adopt_module_state(module)
         self._streams.refresh()
@@ -467,7 +467,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             if self._budget is not None and planned is not None and planned > taken:
                 self._budget.certify(self._plan.planned_segments(taken, planned - taken))
         sigma = self._plan.noise_multiplier
-        rank_zero_info(
+        notice(
             f"lightning_dp: N={self._plan.selection.num_samples}, expected batch B={self._plan.expected_batch_size},"
             f" q={self._plan.sample_rate:.5g}, σ={sigma if sigma is None else f'{sigma:.5g}'}, C={self.max_grad_norm},"
             f" δ={self.delta:g}, planned steps {planned}, steps taken {self._plan.released_steps}"
@@ -483,7 +483,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             raise DPMisconfigurationError("DPStrategy was not prepared: the training dataloader did not go through it.")
         self._run.open(self, trainer)
         if self.log_clip_fraction and trainer.loggers:
-            rank_zero_info(
+            notice(
                 "lightning_dp: `nonprivate/step_clip_fraction` is a non-private diagnostic computed from private data"
                 " without noise; it is outside the DP guarantee. Pass DPStrategy(log_clip_fraction=False) to turn it"
                 " off."
@@ -508,7 +508,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             self._stopped_reason = outcome["stop"]
             self._plan.planned_steps = planned
             trainer.should_stop = True
-            rank_zero_info(f"lightning_dp: not training: {outcome['stop']}")
+            notice(f"lightning_dp: not training: {outcome['stop']}")
             return
         if self.global_rank != 0:
             self._plan.adopt_schedule(outcome["schedule"], self._extras_of)
@@ -524,7 +524,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         if self._budget is not None:
             self._budget.enforce(trainer, self)
         if trainable_set_changed(self.lightning_module, self._engine, self.grad_masks):
-            rank_zero_info(
+            notice(
                 "lightning_dp: the trainable parameters changed; rebuilding the per-sample gradient engine so that"
                 " every trainable parameter is clipped and noised."
             )
@@ -577,7 +577,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
     def _count_nonfinite(self, bad: int) -> None:
         if bad:
             if self._nonfinite_total == 0:
-                rank_zero_warn(
+                warn(
                     f"lightning_dp: {bad} example(s) of step {self._plan.released_steps} had a non-finite (NaN/inf)"
                     " per-sample gradient; they contribute zero to the update, so the clipping bound still holds."
                     " This count is computed from private data without noise (a non-private diagnostic). Pass"
@@ -648,7 +648,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         trainer = self.lightning_module.trainer
         self._run.sync()
         if self._nonfinite_total:
-            rank_zero_warn(
+            warn(
                 f"lightning_dp: {self._nonfinite_total} example(s) had non-finite per-sample gradients in this fit and"
                 " contributed zero (a non-private count)."
             )

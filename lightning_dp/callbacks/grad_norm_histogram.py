@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_dp.callbacks._utils import require_dp_strategy, sum_over_ranks
+from lightning_dp.console import warn
 from lightning_dp.errors import DPMisconfigurationError
 from lightning_dp.noise import add_gaussian
 from lightning_dp.randomness import RandomSource
@@ -313,7 +313,7 @@ class GradNormHistogram(Callback):
         self._edges = _with_clip_edge(self.user_edges, c) if self.user_edges else geometric_edges(c, self.bins)
         if not self.private and not self._warned:
             self._warned = True
-            rank_zero_warn(
+            warn(
                 "GradNormHistogram(private=False) logs exact statistics of private per-sample gradients (metrics"
                 " `nonprivate/...`): they are outside the DP guarantee and must not be published. Use private=True"
                 " for noised, accounted histograms."

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_dp.callbacks._utils import require_dp_strategy
+from lightning_dp.console import notice
 
 if TYPE_CHECKING:
     from lightning_dp.strategy import DPStrategy
@@ -211,4 +211,4 @@ class PrivacySummary(Callback):
                 logger.experiment.summary.update(self.summary)
         self.table = format_privacy_summary(self.summary, strategy)
         if self.print_table:
-            rank_zero_info(self.table)
+            notice(self.table)

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -175,7 +174,7 @@ class GhostEngine(ClippingEngine):
             if notice is not None and notice not in fallback:
                 fallback.append(notice)
         if fallback:
-            rank_zero_info(
+            notice(
                 f"lightning_dp: GhostEngine has no ghost norm for {', '.join(fallback)}; the per-sample gradients of"
                 " these layers are instantiated with their registered rules (more time and memory than ghost norms)."
             )

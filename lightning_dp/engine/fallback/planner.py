@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
 
+from lightning_dp.console import notice
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
 from lightning_dp.engine.fallback.per_example import Fingerprint, ForwardState, forward_hooks_suppressed
 from lightning_dp.engine.fallback.tracer import (
@@ -217,7 +217,7 @@ class FunctionalFallback:
     def _announce(self, key: str, message: str) -> None:
         if key not in self._announced:
             self._announced.add(key)
-            rank_zero_info(f"lightning_dp: {self.engine_name}: {message}")
+            notice(f"lightning_dp: {self.engine_name}: {message}")
 
     def _announce_plan(self, leftover: list[nn.Parameter]) -> None:
         if leftover:
