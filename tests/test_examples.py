@@ -4,6 +4,7 @@ the sweep's tiny mode, and the pieces they are built from (class subsets, local 
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -344,3 +345,34 @@ def test_per_class_metrics_match_brute_force_after_a_private_run():
         assert metrics[f"test/acc_class_{k}"] == pytest.approx((pred[y == k] == k).float().mean().item(), abs=1e-6)
     assert metrics["test/acc"] == pytest.approx((pred == y).float().mean().item(), abs=1e-6)
     assert "test/loss" in metrics and not any(k.startswith("val/") for k in metrics)
+
+
+# ---------------------------------------------------------------------------------------------------- --help
+
+
+def _help(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        vt.main(args)
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_describes_dp_and_the_recipe(capsys):
+    out = _help(["--help"], capsys)
+    assert "Lightning Trainer command line tool" not in out
+    for words in ("Differentially private", "DPStrategy", "Poisson sampling", "max_grad_norm", "target_epsilon",
+                  "cifar10_public.yaml", "cifar10_private.yaml", "configs/tiny.yaml"):  # fmt: skip
+        assert words in out, words
+
+
+def test_fit_help_is_short_plain_text_and_hidden_trainer_options_still_parse(capsys):
+    out = _help(["fit", "--help"], capsys)
+    assert len(out.splitlines()) < 250, len(out.splitlines())
+    assert not re.search(r":(class|paramref|meth|func):|``", out), "no Sphinx markup"
+    assert "known subclasses" not in out
+    for option in ("--trainer.max_epochs", "--trainer.max_steps", "--trainer.strategy", "--model.lr",
+                   "--data.batch_size", "--data.num_workers", "--data.train_size"):  # fmt: skip
+        assert option in out, option
+    assert "--trainer.barebones" not in out and "fit --trainer.strategy.help lightning_dp.DPStrategy" in out
+    config = _help(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--trainer.barebones=true", "--print_config"], capsys)
+    assert "barebones: true" in config

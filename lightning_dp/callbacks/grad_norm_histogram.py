@@ -56,6 +56,22 @@ def geometric_edges(max_grad_norm: float, bins: int = 16, low: float = 0.01, hig
     return _with_clip_edge(edges, max_grad_norm)
 
 
+def import_wandb() -> Any:
+    """The ``wandb`` module, imported only when a run logs to W&B.
+
+    Raises:
+        ModuleNotFoundError: if wandb is not installed, naming the extra that installs it.
+    """
+    try:
+        import wandb
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            "Logging GradNormHistogram to a WandbLogger needs the `wandb` package, which lightning-dp installs only"
+            ' with its extra: pip install "lightning-dp[wandb]" (or pip install wandb).'
+        ) from err
+    return wandb
+
+
 def _with_clip_edge(edges: Sequence[float], max_grad_norm: float) -> list[float]:
     """``edges`` with C as an exact edge (replacing an edge within 1e-9 relative of it, else inserted)."""
     out = [e for e in edges if not math.isclose(e, max_grad_norm, rel_tol=1e-9)]
@@ -423,9 +439,7 @@ class GradNormHistogram(Callback):
         metrics = self.metrics_of(release)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                import wandb
-
-                hist = wandb.Histogram(np_histogram=(counts.tolist(), display))
+                hist = import_wandb().Histogram(np_histogram=(counts.tolist(), display))
                 logger.experiment.log({tag: hist, "trainer/global_step": step})
             elif isinstance(logger, TensorBoardLogger):
                 mids = np.array([(a + b) / 2 for a, b in zip(display, display[1:])])
