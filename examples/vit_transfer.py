@@ -45,8 +45,8 @@ from typing import Any
 import lightning as L
 import timm
 import torch
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -563,7 +563,9 @@ LISTED_TRAINER_OPTIONS = frozenset(
     }
 )
 
-_SPHINX_ROLE = re.compile(r":(?:py:)?(?:class|meth|func|attr|mod|obj|data|exc|paramref|ref):`~?([^`<]*?)(?:\s*<[^>]*>)?`")
+_SPHINX_ROLE = re.compile(
+    r":(?:py:)?(?:class|meth|func|attr|mod|obj|data|exc|paramref|ref):`~?([^`<]*?)(?:\s*<[^>]*>)?`"
+)
 _BACKTICKS = re.compile(r"``([^`]*)``|`([^`]*)`")
 _KNOWN_SUBCLASSES = re.compile(r", known subclasses:[^)]*")
 _FIRST_SENTENCE = re.compile(r"^(.*?(?<!\be\.g)(?<!\bi\.e)\.)(?:\s|$)", re.DOTALL)

@@ -374,5 +374,6 @@ def test_fit_help_is_short_plain_text_and_hidden_trainer_options_still_parse(cap
                    "--data.batch_size", "--data.num_workers", "--data.train_size"):  # fmt: skip
         assert option in out, option
     assert "--trainer.barebones" not in out and "fit --trainer.strategy.help lightning_dp.DPStrategy" in out
-    config = _help(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--trainer.barebones=true", "--print_config"], capsys)
+    tiny = str(CONFIGS / "tiny.yaml")
+    config = _help(["fit", "--config", tiny, "--trainer.barebones=true", "--print_config"], capsys)
     assert "barebones: true" in config
