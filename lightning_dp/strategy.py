@@ -44,7 +44,7 @@ from lightning_dp.engine import build_engine
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError
 from lightning_dp.guards import OneTrainerOnly, check_gradients_written, refuse_accumulation, trainable_set_changed
 from lightning_dp.noise import privatize
-from lightning_dp.plan import DEFAULT_DELTA, PrivacyPlan, planned_total_steps, selection_for
+from lightning_dp.plan import PrivacyPlan, planned_total_steps, selection_for
 from lightning_dp.probe import probe_training_step
 from lightning_dp.protocols import declared_phases, declared_releases
 from lightning_dp.randomness import RandomSource, RandomStreams
@@ -57,6 +57,7 @@ from lightning_dp.validation import (
     validate_options,
     validate_trainer,
     validate_training_loader,
+    validate_value,
 )
 
 _STATE_KEY = "lightning_dp"
@@ -80,7 +81,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         target_epsilon: the ε the whole run may spend; σ is calibrated for the planned steps (``max_steps`` or
             ``max_epochs``) with the PRV accountant, and no step is taken that would exceed it. Exactly one of
             ``target_epsilon`` and ``noise_multiplier``.
-        target_delta: δ; default 1e-5 (must be below 1/N).
+        target_delta: δ, default 1e-5 (``DEFAULT_DELTA``); it must be below 1/N.
         noise_multiplier: σ, the noise std relative to C; ε is then reported as it grows.
         max_grad_norm: C, the per-sample L2 clipping bound.
         max_physical_batch_size: largest micro-batch run at once; a logical batch is split into micro-batches
@@ -129,7 +130,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
     def __init__(
         self,
         target_epsilon: float | None = None,
-        target_delta: float | None = None,
+        target_delta: float = 1e-5,  # DEFAULT_DELTA, written out for the signature in the docs
         noise_multiplier: float | None = None,
         max_grad_norm: float = 1.0,
         max_physical_batch_size: int | None = None,
@@ -144,7 +145,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         clipping: ClippingMode = "flat",
         check_sample_mixing: bool = True,
         nonfinite: Literal["skip", "error"] = "skip",
-        journal_dir: _PATH | None = None,
+        journal_dir: str | os.PathLike[str] | None = None,
         resume_policy: Literal["strict", "account_forks", "trust_checkpoint"] = "strict",
         accountant: Accountant | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
@@ -174,6 +175,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             resume_policy,
             epsilon_refresh_steps,
         )
+        validate_value("target_delta", target_delta)  # None is no longer a way to ask for the default
         self.target_epsilon = target_epsilon
         self.target_delta = target_delta
         self.max_grad_norm = float(max_grad_norm)
@@ -191,7 +193,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         self._plan = PrivacyPlan(
             selection_for(poisson_sampling),
             target_epsilon=target_epsilon,
-            delta=target_delta if target_delta is not None else DEFAULT_DELTA,
+            delta=target_delta,
             noise_multiplier=noise_multiplier,
             accountant=accountant,
         )
@@ -671,7 +673,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         state: dict[str, Any],
         checkpoint: dict[str, Any] | None = None,
         context: str = "the checkpoint",
-        checkpoint_path: _PATH | None = None,
+        checkpoint_path: str | os.PathLike[str] | None = None,
     ) -> None:
         """Restore the privacy state, checked against the run's journal (see :func:`restore_run`).
 

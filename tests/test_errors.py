@@ -167,3 +167,14 @@ def test_a_set_length_of_training_is_accepted(limits, caplog):
     with caplog.at_level("INFO"):
         trainer(s, **limits).fit(ClassifierModule(mlp()), loader(tensor_data(), 100))
     assert s.planned_steps == 4 and not any("Lightning plans" in r.getMessage() for r in caplog.records)
+
+
+def test_target_delta_defaults_to_the_documented_delta_and_none_is_refused():
+    import inspect
+
+    from lightning_dp.plan import DEFAULT_DELTA
+
+    assert inspect.signature(DPStrategy).parameters["target_delta"].default == DEFAULT_DELTA == 1e-5
+    assert DPStrategy(noise_multiplier=1.0).delta == DEFAULT_DELTA
+    with pytest.raises(DPMisconfigurationError, match="target_delta must be a positive finite number, got None"):
+        DPStrategy(noise_multiplier=1.0, target_delta=None)
