@@ -429,7 +429,8 @@ class ImageDataModule(L.LightningDataModule):
 
         return T.Compose(
             [
-                T.Resize(self.hparams.img_size, antialias=True),
+                T.Resize(self.hparams.img_size, antialias=True),  # the shorter side
+                T.CenterCrop(self.hparams.img_size),  # square: images of any aspect ratio batch together
                 T.ToTensor(),
                 T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
             ]

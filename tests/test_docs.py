@@ -145,6 +145,7 @@ def test_quickstart_output_in_the_pages_has_the_privacy_figures_of_a_fit_with_th
     `python examples/quickstart.py --write-readme README.md docs/examples.md`."""
     sys.path.insert(0, str(ROOT / "examples"))
     import quickstart
+    import torch
     from torch import nn
 
     from lightning_dp.callbacks import PrivacySummary
@@ -153,10 +154,15 @@ def test_quickstart_output_in_the_pages_has_the_privacy_figures_of_a_fit_with_th
     private_train, _ = quickstart.digits_split(range(5, 10))
     module = quickstart.Classifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 5)), lr=0.1)
     summary = PrivacySummary(print_table=False)
-    with quickstart.PlanLine() as plan:
-        quickstart.fit(
-            module, private_train, args.epochs, args.batch_size, "linear", quickstart.make_strategy(args), summary
-        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the quickstart: a tiny model is many times slower with threads on busy cores
+    try:
+        with quickstart.PlanLine() as plan:
+            quickstart.fit(
+                module, private_train, args.epochs, args.batch_size, "linear", quickstart.make_strategy(args), summary
+            )
+    finally:
+        torch.set_num_threads(threads)
     table = summary.table.splitlines()
     for page in QUICKSTART_PAGES:
         lines = _quickstart_output_copy(page)

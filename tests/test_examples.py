@@ -377,3 +377,27 @@ def test_fit_help_is_short_plain_text_and_hidden_trainer_options_still_parse(cap
     tiny = str(CONFIGS / "tiny.yaml")
     config = _help(["fit", "--config", tiny, "--trainer.barebones=true", "--print_config"], capsys)
     assert "barebones: true" in config
+
+
+def test_images_of_any_aspect_ratio_become_square_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for k, (w, h) in enumerate([(40, 24), (24, 50)]):
+            folder = tmp_path / split / f"class{k}"
+            folder.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (h, w, 3)).astype("uint8")).save(folder / "0.png")
+    dm = vt.ImageDataModule(dataset="imagefolder", data_dir=str(tmp_path), img_size=16, batch_size=2)
+    dm.setup("fit")
+    x, y = next(iter(DataLoader(dm.train_set, batch_size=2)))
+    assert x.shape == (2, 3, 16, 16) and sorted(y.tolist()) == [0, 1]
+
+
+def test_the_documented_image_folder_recipe_parses(tree, capsys):
+    page = (ROOT / "docs/examples.md").read_text(encoding="utf-8")
+    section = page.split("## Your own ImageFolder", 1)[1].split("\n## ", 1)[0]
+    command = re.search(r"```bash\n(.*?)\n```", section, re.S).group(1).replace("\\\n", " ")
+    args = command.split()[2:]  # after `python examples/vit_transfer.py`
+    args = [str(ROOT / a) if a.startswith("examples/") else a.replace("my_data", str(tree)) for a in args]
+    config = _help([*args, "--print_config"], capsys)
+    for line in ("pretrained: true", "num_workers: 8", "target_epsilon: 8.0", "max_epochs: 5", "classes: null"):
+        assert line in config, line
