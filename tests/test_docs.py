@@ -50,11 +50,31 @@ def test_the_pages_have_runnable_snippets():
     assert {"README.md", "docs/getting-started.md", "docs/evaluation-export.md"} <= pages
 
 
+#: Lines of a quoted privacy summary that a rerun reproduces exactly (throughput is measured, accuracy is noisy).
+SUMMARY_FIGURES = ("ε ", "noise σ", "sample rate q", "clipping C", "steps", "ε by mechanism")
+
+
+def _quoted_summary(block_id: str) -> list[str]:
+    """The privacy-summary figures the page quotes in the ```text block right after the snippet ``block_id``."""
+    page, line = block_id.rsplit(":", 1)
+    text = (ROOT / page).read_text(encoding="utf-8")
+    after = "\n".join(text.splitlines()[int(line) :])
+    block = re.search(r"\n```\n(.*?)```text\n(.*?)\n```", after, re.S)
+    if not block or "\n```python" in block.group(1) or "lightning_dp: privacy summary" not in block.group(2):
+        return []
+    return [ln for ln in block.group(2).splitlines() if ln.strip().startswith(SUMMARY_FIGURES)]
+
+
 @pytest.mark.parametrize("block_id, code", RUNNABLE, ids=[b[0] for b in RUNNABLE])
 def test_runnable_snippet_runs(block_id, code, tmp_path):
+    """Each runnable snippet runs; a privacy summary quoted after it is what it prints (the figures that rerun)."""
     script = tmp_path / "snippet.py"
     script.write_text(code, encoding="utf-8")
-    _run([str(script)], tmp_path, timeout=300)
+    out, err = _run([str(script)], tmp_path, timeout=300)
+    quoted = _quoted_summary(block_id)
+    printed = [ln for ln in (out + err).splitlines() if ln.strip().startswith(SUMMARY_FIGURES)]
+    for line in quoted:
+        assert line in printed, f"{block_id}: the page quotes {line!r}; the snippet printed {printed}"
 
 
 def test_every_snippet_compiles_and_its_imports_exist():
