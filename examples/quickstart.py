@@ -9,6 +9,7 @@ the privacy summary (ε, δ, σ, q, C, steps, throughput).
     python examples/quickstart.py                              # ε = 4, δ = 1e-5, 30 epochs
     python examples/quickstart.py --epsilon 1 --epochs 40      # a tighter budget
     python examples/quickstart.py --epochs 3 --pretrain-epochs 2  # a quick smoke run (seconds)
+    python examples/quickstart.py --write-readme README.md docs/examples.md   # run, then copy its output there
 
 It uses one CPU thread unless OMP_NUM_THREADS or --threads says otherwise: the model is so small that more threads
 only add synchronisation, and on a busy machine they can make it many times slower.
@@ -17,8 +18,11 @@ only add synchronisation, and on a busy machine they can make it many times slow
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import time
+from pathlib import Path
 
 import lightning as L
 import timm
@@ -119,7 +123,58 @@ def test_accuracy(module: Classifier, test: TensorDataset) -> float:
     return trainer.test(module, DataLoader(test, batch_size=256), verbose=False)[0]["test_acc"]
 
 
-def main() -> None:
+#: The pages' copy of a default run's output lies between these two lines (``--write-readme`` rewrites it).
+README_START = "<!-- quickstart-output: python examples/quickstart.py --write-readme README.md docs/examples.md -->"
+README_END = "<!-- /quickstart-output -->"
+
+
+def dp_header(args: argparse.Namespace) -> str:
+    return (
+        f"[3/3] fine-tuning on the private digits with DPStrategy(target_epsilon={args.epsilon:g},"
+        f" target_delta={args.delta:g}, max_grad_norm={args.max_grad_norm:g}) ({args.epochs} epochs)"
+    )
+
+
+def make_strategy(args: argparse.Namespace) -> DPStrategy:
+    return DPStrategy(
+        target_epsilon=args.epsilon,
+        target_delta=args.delta,
+        max_grad_norm=args.max_grad_norm,
+        max_physical_batch_size=64,
+    )
+
+
+class PlanLine(logging.Handler):
+    """Keeps lightning_dp's plan line ("lightning_dp: N=..., σ=..."), printed when a private fit starts."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.line: str | None = None
+        self.logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("lightning_dp: N="):
+            self.line = message
+
+    def __enter__(self) -> PlanLine:
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+
+
+def write_readme(path: Path, lines: list[str]) -> None:
+    """Replace a page's copy of the quickstart's output (between README_START and README_END) by ``lines``."""
+    text = path.read_text(encoding="utf-8")
+    pattern = re.compile(rf"({re.escape(README_START)}\n```text\n).*?(\n```\n{re.escape(README_END)})", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{path}: no quickstart output block ({README_START} ... {README_END}) to replace.")
+    path.write_text(pattern.sub(lambda m: m.group(1) + "\n".join(lines) + m.group(2), text), encoding="utf-8")
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epsilon", type=float, default=4.0, help="target ε of the private fine-tuning")
     parser.add_argument("--delta", type=float, default=1e-5, help="δ")
@@ -130,23 +185,46 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2, help="fine-tuning learning rate (AdamW)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation (DP noise is always fresh)")
     parser.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS if set, else 1)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--write-readme", type=Path, nargs="+", help="put this run's output (without progress bars) in these pages"
+    )
+    return parser
+
+
+class Transcript:
+    """Prints lines and keeps them: the output of a run without its progress bars, for ``--write-readme``."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def say(self, text: str) -> None:
+        print(text)
+        self.lines.extend(text.splitlines())
+
+    def keep(self, text: str) -> None:
+        """Record a line that something else printed (lightning_dp's notes, the summary table)."""
+        self.lines.extend(text.splitlines())
+
+
+def main() -> None:
+    args = parser().parse_args()
     start = time.time()
     quiet_lightning(dataloader_workers_hint=False)  # hide Lightning's banners and tips; lightning_dp's notes stay
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
     L.seed_everything(args.seed, verbose=False)
+    out = Transcript()
 
     public_train, public_test = digits_split(range(0, 5))
     private_train, private_test = digits_split(range(5, 10))
-    print(
+    out.say(
         f"data: public digits 0-4 {len(public_train)} train / {len(public_test)} test; private digits 5-9"
         f" {len(private_train)} train / {len(private_test)} test. {threads} CPU thread(s)."
     )
 
-    print(f"\n[1/3] pretraining a small ViT on the public digits, without privacy ({args.pretrain_epochs} epochs)")
+    out.say(f"\n[1/3] pretraining a small ViT on the public digits, without privacy ({args.pretrain_epochs} epochs)")
     pretrained, seconds = fit(Classifier(make_vit(), lr=3e-3), public_train, args.pretrain_epochs, 64, "pretrain")
-    print(f"      public test accuracy: {test_accuracy(pretrained, public_test):.3f}  (trained in {seconds:.0f} s)")
+    out.say(f"      public test accuracy: {test_accuracy(pretrained, public_test):.3f}  (trained in {seconds:.0f} s)")
     state = {k: v for k, v in pretrained.model.state_dict().items() if not k.startswith("head.")}
 
     def from_pretrained() -> Classifier:
@@ -154,30 +232,28 @@ def main() -> None:
         model.load_state_dict(state, strict=False)  # new, randomly initialised head for the private classes
         return Classifier(model, args.lr)
 
-    print(f"\n[2/3] fine-tuning on the private digits without privacy, the baseline ({args.epochs} epochs)")
+    out.say(f"\n[2/3] fine-tuning on the private digits without privacy, the baseline ({args.epochs} epochs)")
     nonprivate, seconds = fit(from_pretrained(), private_train, args.epochs, args.batch_size, "fine-tune")
     acc_nonprivate = test_accuracy(nonprivate, private_test)
-    print(f"      private test accuracy: {acc_nonprivate:.3f}  (trained in {seconds:.0f} s)")
+    out.say(f"      private test accuracy: {acc_nonprivate:.3f}  (trained in {seconds:.0f} s)")
 
-    print(
-        f"\n[3/3] fine-tuning on the private digits with DPStrategy(target_epsilon={args.epsilon:g},"
-        f" target_delta={args.delta:g}, max_grad_norm={args.max_grad_norm:g}) ({args.epochs} epochs)"
-    )
-    strategy = DPStrategy(
-        target_epsilon=args.epsilon,
-        target_delta=args.delta,
-        max_grad_norm=args.max_grad_norm,
-        max_physical_batch_size=64,
-    )
-    private, seconds = fit(
-        from_pretrained(), private_train, args.epochs, args.batch_size, "DP fine-tune", strategy, PrivacySummary()
-    )
+    out.say(f"\n{dp_header(args)}")
+    summary = PrivacySummary()
+    with PlanLine() as plan:
+        private, seconds = fit(
+            from_pretrained(), private_train, args.epochs, args.batch_size, "DP fine-tune", make_strategy(args), summary
+        )
+    out.keep(plan.line or "")
+    out.keep(summary.table)
     acc_private = test_accuracy(private, private_test)
-    print(
+    out.say(
         f"      private test accuracy: {acc_private:.3f}  (trained in {seconds:.0f} s;"
         f" without privacy: {acc_nonprivate:.3f})"
     )
-    print(f"\ndone in {time.time() - start:.0f} s")
+    out.say(f"\ndone in {time.time() - start:.0f} s")
+    for path in args.write_readme or []:
+        write_readme(path, out.lines)
+        print(f"wrote this output (without its progress bars) into {path}")
 
 
 if __name__ == "__main__":

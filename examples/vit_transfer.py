@@ -48,6 +48,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.classification import MulticlassAccuracy
+from transfer_help import parser_kwargs  # beside this file
 
 from lightning_dp import DPStrategy  # also importable as a class_path in configs
 from lightning_dp.callbacks import PrivacySummary
@@ -426,7 +427,8 @@ class ImageDataModule(L.LightningDataModule):
 
         return T.Compose(
             [
-                T.Resize(self.hparams.img_size, antialias=True),
+                T.Resize(self.hparams.img_size, antialias=True),  # the shorter side
+                T.CenterCrop(self.hparams.img_size),  # square: images of any aspect ratio batch together
                 T.ToTensor(),
                 T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
             ]
@@ -489,8 +491,13 @@ class ImageDataModule(L.LightningDataModule):
 
 class TransferCLI(LightningCLI):
     """LightningCLI with ``num_classes`` and ``img_size`` set once, on the data, and linked to the model; a private
-    run (``DPStrategy``) ends with the ``PrivacySummary`` table unless the config already adds one.
+    run (``DPStrategy``) ends with the ``PrivacySummary`` table unless the config already adds one. The optimizer is
+    the module's (``model.optimizer``, ``model.lr``), so the CLI adds no ``--optimizer`` / ``--lr_scheduler``.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.img_size", "model.img_size")
@@ -508,7 +515,13 @@ def main(args: list[str] | None = None) -> TransferCLI:
     Lightning's banners and tips are hidden (:func:`lightning_dp.console.quiet_lightning`), lightning_dp's notes stay.
     """
     with quiet_lightning():  # the CLI runs its subcommand while it is built; the filters go when it returns
-        return TransferCLI(TransferModule, ImageDataModule, save_config_kwargs={"overwrite": True}, args=args)
+        return TransferCLI(
+            TransferModule,
+            ImageDataModule,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs=parser_kwargs(),
+            args=args,
+        )
 
 
 if __name__ == "__main__":

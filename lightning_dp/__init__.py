@@ -9,11 +9,14 @@ from lightning_dp.accounting import (
     calibrate_noise_multiplier,
     compute_epsilon,
 )
+from lightning_dp.console import hide_framework_deprecations
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError, UnsupportedLayerError
 from lightning_dp.model_fixes import fix_model
 from lightning_dp.strategy import DPStrategy
 
 __version__ = "0.1.0"
+
+hide_framework_deprecations()  # one notice raised inside Lightning on recent torch, in every fit
 
 __all__ = [
     "Accountant",

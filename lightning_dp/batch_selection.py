@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import Sampler
 
 from lightning_dp.accounting import Accountant, MechanismSegment, calibrate_noise_multiplier
+from lightning_dp.console import warn
 from lightning_dp.errors import DPMisconfigurationError
 from lightning_dp.randomness import RandomSource, fresh_seed, stream_source
 
@@ -209,7 +209,7 @@ class ShuffleSelection(BatchSelection):
 
     def announce(self) -> None:
         """Warn that the guarantee is much weaker than with Poisson sampling."""
-        rank_zero_warn(
+        warn(
             "DPStrategy(poisson_sampling=False): batches are shuffled, not Poisson-sampled, so the ledger claims no"
             " amplification by subsampling. ε is that of one Gaussian release with sensitivity 2C (replace-one"
             " adjacency) per pass over the data (every epoch, and every resume), far larger than a Poisson-sampled"

@@ -1,4 +1,10 @@
-"""Quiet console output: hide framework messages that say nothing about the run (opt-in, used by the examples).
+"""Console output: lightning_dp's messages on lines of their own, and quiet runs (opt-in, used by the examples).
+
+lightning_dp prints its notices and warnings through :func:`notice` and :func:`warn`: like Lightning's
+``rank_zero_info`` / ``rank_zero_warn`` (rank zero only, through Lightning's logger and ``warnings``), but an open
+progress bar is cleared first and redrawn after, so that a message never lands at the end of a progress-bar line.
+On import, lightning_dp also hides one deprecation notice that Lightning's own code raises on recent torch releases
+(:data:`FRAMEWORK_DEPRECATIONS`): nothing for a user to do, and it would appear in every run.
 
 Lightning prints, for every ``Trainer``, which accelerators exist ("GPU available: False, used: False", "TPU
 available: ..."), advertisements for its cloud products ("💡 Tip: ... litlogger / litmodels"), a line each time a
@@ -15,10 +21,14 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
 from lightning.fabric.utilities.warnings import PossibleUserWarning
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from tqdm import tqdm
 
 #: Lightning's informational lines that carry nothing about the run (matched at the start of the message).
 CHATTER: tuple[str, ...] = (
@@ -27,6 +37,13 @@ CHATTER: tuple[str, ...] = (
     r"HPU available: ",
     r"💡 Tip: ",
     r"`Trainer\.(fit|validate|test|predict)` stopped: ",
+)
+
+#: Deprecation notices raised inside Lightning's own code, hidden from the import of lightning_dp on:
+#: ``(category, message regex, module regex)``. torch deprecated ``LeafSpec``; Lightning 2.6's own ``_pytree`` still
+#: uses it, in every fit. Only this message, raised from that Lightning module, is hidden.
+FRAMEWORK_DEPRECATIONS: tuple[tuple[type[Warning], str, str], ...] = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
 )
 
 #: Warnings that are known to be harmless: ``(category, message regex)``.
@@ -51,6 +68,50 @@ LIGHTNING_LOGGERS: tuple[str, ...] = (
 
 #: Messages that are never hidden, whatever they say: lightning_dp's own.
 _OWN_PREFIXES = ("lightning_dp", "PrivacyBudget", "LP-FT", "SPARTA", "DPStrategy")
+
+
+@contextmanager
+def progress_bars_cleared() -> Iterator[None]:
+    """Clear every open tqdm progress bar (Lightning's ``TQDMProgressBar`` included) and redraw them on exit.
+
+    Text written to the terminal inside the block starts on a line of its own instead of at the end of a bar's line.
+    """
+    with tqdm.external_write_mode():
+        yield
+
+
+def notice(message: str) -> None:
+    """Print an informational ``message`` on rank zero (Lightning's ``rank_zero_info``), never glued to a bar.
+
+    Args:
+        message: the text; lightning_dp's messages start with ``"lightning_dp: "`` or the callback's name.
+
+    Example:
+        >>> notice("lightning_dp: an example notice")
+    """
+    with progress_bars_cleared():
+        rank_zero_info(message)
+
+
+def warn(message: str, category: type[Warning] | None = None) -> None:
+    """Raise a warning on rank zero (Lightning's ``rank_zero_warn``), never printed at the end of a bar's line.
+
+    Args:
+        message: the text.
+        category: the warning class (``UserWarning`` by default).
+    """
+    kwargs: dict[str, Any] = {} if category is None else {"category": category}
+    with progress_bars_cleared():
+        rank_zero_warn(message, stacklevel=5, **kwargs)
+
+
+def hide_framework_deprecations() -> None:
+    """Hide the deprecation notices of :data:`FRAMEWORK_DEPRECATIONS` (raised inside Lightning, not by user code).
+
+    Called once when lightning_dp is imported; every other warning still shows.
+    """
+    for category, message, module in FRAMEWORK_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 class ChatterFilter(logging.Filter):
@@ -121,4 +182,15 @@ class quiet_lightning:  # noqa: N801  (used like a function, and as a context ma
         self.close()
 
 
-__all__ = ["CHATTER", "DATALOADER_WORKERS_HINT", "HARMLESS_WARNINGS", "ChatterFilter", "quiet_lightning"]
+__all__ = [
+    "CHATTER",
+    "DATALOADER_WORKERS_HINT",
+    "FRAMEWORK_DEPRECATIONS",
+    "HARMLESS_WARNINGS",
+    "ChatterFilter",
+    "hide_framework_deprecations",
+    "notice",
+    "progress_bars_cleared",
+    "quiet_lightning",
+    "warn",
+]

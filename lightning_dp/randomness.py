@@ -26,9 +26,9 @@ import secrets
 from typing import Protocol
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_dp.console import warn
 from lightning_dp.errors import DPMisconfigurationError
 
 #: The purposes a run draws random numbers for.
@@ -193,7 +193,7 @@ class RandomStreams:
         """Draw fresh roots (from OS entropy) for every purpose without a fixed seed: call once per fit."""
         if self.fixed and not self._warned:
             self._warned = True
-            rank_zero_warn(
+            warn(
                 f"lightning_dp: {', '.join(f'{k}_seed' for k in sorted(self.fixed))} fixed: the privacy guarantee now"
                 " rests on these seeds staying secret (anyone who knows them can rebuild the batches or cancel the"
                 " noise). Use fixed seeds for reproducible tests only."

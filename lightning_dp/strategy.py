@@ -32,7 +32,6 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -42,12 +41,13 @@ from lightning_dp.budget import EpsilonMeter
 from lightning_dp.buffers import BufferWatch
 from lightning_dp.checkpointing import RunState, restore_run
 from lightning_dp.clipping import ClippingMode, sensitivity
+from lightning_dp.console import notice, warn
 from lightning_dp.engine import build_engine
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError
 from lightning_dp.guards import OneTrainerOnly, check_gradients_written, refuse_accumulation, trainable_set_changed
 from lightning_dp.microbatches import EmptyBatchCollate, split_batch
 from lightning_dp.noise import privatize
-from lightning_dp.plan import DEFAULT_DELTA, PrivacyPlan, planned_total_steps, selection_for
+from lightning_dp.plan import PrivacyPlan, planned_total_steps, selection_for
 from lightning_dp.probe import DEFAULT_PROBE_BUDGET, ProbeItems, ProbeSchedule, SampleMixingError, probe_items
 from lightning_dp.protocols import add_to_clipped_sum, declared_clipping_bounds, declared_phases, declared_releases
 from lightning_dp.randomness import RandomSource, RandomStreams
@@ -83,7 +83,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         target_epsilon: the ε the whole run may spend; σ is calibrated for the planned steps (``max_steps`` or
             ``max_epochs``) with the accountant (PLD by default), and no step is taken that would exceed it. Exactly
             one of ``target_epsilon`` and ``noise_multiplier``.
-        target_delta: δ; default 1e-5 (must be below 1/N).
+        target_delta: δ, default 1e-5 (``DEFAULT_DELTA``); it must be below 1/N.
         noise_multiplier: σ, the noise std relative to C; ε is then reported as it grows.
         max_grad_norm: C, the per-sample L2 clipping bound.
         max_physical_batch_size: largest micro-batch run at once; a logical batch is split into micro-batches
@@ -150,7 +150,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
     def __init__(
         self,
         target_epsilon: float | None = None,
-        target_delta: float | None = None,
+        target_delta: float = 1e-5,  # DEFAULT_DELTA, written out for the signature in the docs
         noise_multiplier: float | None = None,
         max_grad_norm: float = 1.0,
         max_physical_batch_size: int | None = None,
@@ -168,7 +168,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         public_buffers: Sequence[str] = (),
         nonprivate_buffers: Sequence[str] = (),
         nonfinite: Literal["skip", "error"] = "skip",
-        journal_dir: _PATH | None = None,
+        journal_dir: str | os.PathLike[str] | None = None,
         resume_policy: Literal["strict", "account_forks", "trust_checkpoint"] = "strict",
         accountant: Accountant | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
@@ -198,6 +198,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             resume_policy,
             epsilon_refresh_steps,
         )
+        validate_value("target_delta", target_delta)  # None is no longer a way to ask for the default
         self.target_epsilon = target_epsilon
         self.target_delta = target_delta
         self.max_grad_norm = float(max_grad_norm)
@@ -219,7 +220,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         self._plan = PrivacyPlan(
             selection_for(poisson_sampling),
             target_epsilon=target_epsilon,
-            delta=target_delta if target_delta is not None else DEFAULT_DELTA,
+            delta=target_delta,
             noise_multiplier=noise_multiplier,
             accountant=accountant,
         )
@@ -400,7 +401,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             self.setup_precision_plugin()
             return
         self._plan.require_configured()
-        validate_trainer(trainer, self.precision_plugin.precision)
+        validate_trainer(trainer, self.precision_plugin.precision, calibrating=self.target_epsilon is not None)
         validate_module(module)
         self._buffers.bind(module)
         self._adopt_module_state(module)
@@ -553,7 +554,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             if self._budget is not None and planned is not None and planned > taken:
                 self._budget.certify(self._plan.planned_segments(taken, planned - taken))
         sigma = self._plan.noise_multiplier
-        rank_zero_info(
+        notice(
             f"lightning_dp: N={self._plan.selection.num_samples}, expected batch B={self._plan.expected_batch_size},"
             f" q={self._plan.sample_rate:.5g}, σ={sigma if sigma is None else f'{sigma:.5g}'}, C={self.max_grad_norm},"
             f" δ={self.delta:g}, planned steps {planned}, steps taken {self._plan.released_steps}"
@@ -569,7 +570,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             raise DPMisconfigurationError("DPStrategy was not prepared: the training dataloader did not go through it.")
         self._run.open(self, trainer)
         if self.log_clip_fraction and trainer.loggers:
-            rank_zero_info(
+            notice(
                 "lightning_dp: `nonprivate/step_clip_fraction` is a non-private diagnostic computed from private data"
                 " without noise; it is outside the DP guarantee. Pass DPStrategy(log_clip_fraction=False) to turn it"
                 " off."
@@ -594,7 +595,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
             self._stopped_reason = outcome["stop"]
             self._plan.planned_steps = planned
             trainer.should_stop = True
-            rank_zero_info(f"lightning_dp: not training: {outcome['stop']}")
+            notice(f"lightning_dp: not training: {outcome['stop']}")
             return
         if self.global_rank != 0:
             self._plan.adopt_schedule(outcome["schedule"], self._extras_of)
@@ -611,7 +612,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         if self._budget is not None:
             self._budget.enforce(trainer, self)
         if trainable_set_changed(self.lightning_module, self._engine, self.grad_masks):
-            rank_zero_info(
+            notice(
                 "lightning_dp: the trainable parameters changed; rebuilding the per-sample gradient engine so that"
                 " every trainable parameter is clipped and noised."
             )
@@ -739,7 +740,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
     def _count_nonfinite(self, bad: int) -> None:
         if bad:
             if self._nonfinite_total == 0:
-                rank_zero_warn(
+                warn(
                     f"lightning_dp: {bad} example(s) of step {self._plan.released_steps} had a non-finite (NaN/inf)"
                     " per-sample gradient; they contribute zero to the update, so the clipping bound still holds."
                     " This count is computed from private data without noise (a non-private diagnostic). Pass"
@@ -810,7 +811,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         trainer = self.lightning_module.trainer
         self._run.sync()
         if self._nonfinite_total:
-            rank_zero_warn(
+            warn(
                 f"lightning_dp: {self._nonfinite_total} example(s) had non-finite per-sample gradients in this fit and"
                 " contributed zero (a non-private count)."
             )
@@ -834,7 +835,7 @@ class DPStrategy(OneTrainerOnly, DDPStrategy):
         state: dict[str, Any],
         checkpoint: dict[str, Any] | None = None,
         context: str = "the checkpoint",
-        checkpoint_path: _PATH | None = None,
+        checkpoint_path: str | os.PathLike[str] | None = None,
     ) -> None:
         """Restore the privacy state, checked against the run's journal (see :func:`restore_run`).
 

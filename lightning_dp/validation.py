@@ -7,15 +7,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, Timer
 from torch import Tensor, nn
 from torch.optim import LBFGS, Optimizer
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
+from lightning_dp.console import notice
 from lightning_dp.errors import DPMisconfigurationError
 
 SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "64-true")
+
+#: The number of epochs Lightning plans when a ``Trainer`` is given neither ``max_epochs`` nor ``max_steps``.
+LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 
 
 def validate_value(name: str, value: float) -> None:
@@ -55,12 +59,60 @@ def validate_module(module: nn.Module) -> None:
             )
 
 
-def validate_trainer(trainer: Any, precision: str) -> None:
+def uses_default_training_length(trainer: Any) -> bool:
+    """Whether the length of training is Lightning's default: neither ``max_epochs`` nor ``max_steps`` given.
+
+    Lightning then sets ``max_epochs=1000`` when the fit starts (an explicit ``max_epochs=1000`` without
+    ``max_steps`` looks the same). With a ``Timer`` callback it sets ``max_epochs=-1`` instead: that is not the default.
+    """
+    return (
+        trainer.max_epochs == LIGHTNING_DEFAULT_MAX_EPOCHS
+        and trainer.max_steps == -1
+        and not any(isinstance(cb, Timer) for cb in trainer.callbacks)
+    )
+
+
+def validate_training_length(trainer: Any, calibrating: bool) -> None:
+    """Refuse to calibrate σ for Lightning's default length of training; say so when the noise is fixed.
+
+    Args:
+        trainer: the ``Trainer`` about to fit.
+        calibrating: σ is calibrated for a target ε over the planned steps (``DPStrategy(target_epsilon=...)``).
+
+    Raises:
+        DPMisconfigurationError: with ``calibrating`` and neither ``max_epochs`` nor ``max_steps`` given.
+    """
+    if not uses_default_training_length(trainer):
+        return
+    default = (
+        f"Neither max_epochs nor max_steps is set on the Trainer, so Lightning plans {LIGHTNING_DEFAULT_MAX_EPOCHS}"
+        " epochs"
+    )
+    if calibrating:
+        raise DPMisconfigurationError(
+            f"{default}, and DPStrategy(target_epsilon=...) would calibrate σ to spend the budget over all of them: far"
+            " more noise per step than the run you have in mind needs. Set the length of training:"
+            " `Trainer(max_epochs=...)` or `Trainer(max_steps=...)` (to train 1000 epochs on purpose, give the"
+            " equivalent max_steps)."
+        )
+    notice(
+        f"lightning_dp: {default}; with a fixed noise_multiplier, ε grows with every step"
+        " (`strategy.epsilon`). Set `Trainer(max_epochs=...)` or `Trainer(max_steps=...)` to plan the run."
+    )
+
+
+def validate_trainer(trainer: Any, precision: str, calibrating: bool = False) -> None:
     """Reject trainer settings that conflict with DP-SGD.
+
+    Args:
+        trainer: the ``Trainer`` about to fit.
+        precision: its precision plugin's precision.
+        calibrating: σ is calibrated for a target ε (see :func:`validate_training_length`).
 
     Raises:
         DPMisconfigurationError: naming the setting and what to use instead.
     """
+    validate_training_length(trainer, calibrating)
     if precision not in SUPPORTED_PRECISIONS:
         hint = (
             " `16-mixed` scales the loss with a GradScaler that unscales `p.grad` but not per-sample gradients, so"

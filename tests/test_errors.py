@@ -1,5 +1,6 @@
 """Every bad input gets a clear error (or warning) before any training step."""
 
+import lightning as L
 import pytest
 import torch
 from helpers import ClassifierModule, loader, make_vit, mlp, tensor_data, trainer
@@ -143,3 +144,46 @@ def test_shuffling_opt_out_warns_and_claims_no_amplification():
     # one release per epoch at sensitivity 2C and q = 1: two Gaussian(σ/2) compositions, no subsampling
     assert [(x.noise_multiplier, x.sample_rate, x.steps) for x in s.ledger.segments] == [(0.5, 1.0, 2)]
     assert s.epsilon > 3 * poisson.epsilon
+
+
+# ---------------------------------------------------------------------- the length of training
+class _Started(Exception):
+    """Raised by _StopAtStart: training began (on the old code, after planning 1000 epochs)."""
+
+
+class _StopAtStart(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        raise _Started
+
+
+def test_target_epsilon_without_max_epochs_or_max_steps_is_an_error_naming_the_fix():
+    t = trainer(DPStrategy(target_epsilon=2.0), max_epochs=None, callbacks=[_StopAtStart()])
+    with pytest.raises(DPMisconfigurationError, match=r"Lightning plans 1000 epochs.*Trainer\(max_epochs=\.\.\.\)"):
+        t.fit(ClassifierModule(mlp()), loader(tensor_data(), 100))
+
+
+def test_fixed_noise_without_max_epochs_or_max_steps_says_so(caplog):
+    t = trainer(DPStrategy(noise_multiplier=1.0), max_epochs=None, callbacks=[_StopAtStart()])
+    with caplog.at_level("INFO"), pytest.raises(_Started):
+        t.fit(ClassifierModule(mlp()), loader(tensor_data(), 100))
+    notices = [r.getMessage() for r in caplog.records if "Lightning plans 1000 epochs" in r.getMessage()]
+    assert len(notices) == 1 and "Trainer(max_steps=...)" in notices[0]
+
+
+@pytest.mark.parametrize("limits", [dict(max_epochs=2), dict(max_epochs=None, max_steps=4)])
+def test_a_set_length_of_training_is_accepted(limits, caplog):
+    s = DPStrategy(target_epsilon=2.0)
+    with caplog.at_level("INFO"):
+        trainer(s, **limits).fit(ClassifierModule(mlp()), loader(tensor_data(), 100))
+    assert s.planned_steps == 4 and not any("Lightning plans" in r.getMessage() for r in caplog.records)
+
+
+def test_target_delta_defaults_to_the_documented_delta_and_none_is_refused():
+    import inspect
+
+    from lightning_dp.plan import DEFAULT_DELTA
+
+    assert inspect.signature(DPStrategy).parameters["target_delta"].default == DEFAULT_DELTA == 1e-5
+    assert DPStrategy(noise_multiplier=1.0).delta == DEFAULT_DELTA
+    with pytest.raises(DPMisconfigurationError, match="target_delta must be a positive finite number, got None"):
+        DPStrategy(noise_multiplier=1.0, target_delta=None)

@@ -4,6 +4,7 @@ the sweep's tiny mode, and the pieces they are built from (class subsets, local 
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -354,3 +355,59 @@ def test_per_class_metrics_match_brute_force_after_a_private_run():
         assert metrics[f"test/acc_class_{k}"] == pytest.approx((pred[y == k] == k).float().mean().item(), abs=1e-6)
     assert metrics["test/acc"] == pytest.approx((pred == y).float().mean().item(), abs=1e-6)
     assert "test/loss" in metrics and not any(k.startswith("val/") for k in metrics)
+
+
+# ---------------------------------------------------------------------------------------------------- --help
+
+
+def _help(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        vt.main(args)
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_describes_dp_and_the_recipe(capsys):
+    out = _help(["--help"], capsys)
+    assert "Lightning Trainer command line tool" not in out
+    for words in ("Differentially private", "DPStrategy", "Poisson sampling", "max_grad_norm", "target_epsilon",
+                  "cifar10_public.yaml", "cifar10_private.yaml", "configs/tiny.yaml"):  # fmt: skip
+        assert words in out, words
+
+
+def test_fit_help_is_short_plain_text_and_hidden_trainer_options_still_parse(capsys):
+    out = _help(["fit", "--help"], capsys)
+    assert len(out.splitlines()) < 250, len(out.splitlines())
+    assert not re.search(r":(class|paramref|meth|func):|``", out), "no Sphinx markup"
+    assert "known subclasses" not in out
+    for option in ("--trainer.max_epochs", "--trainer.max_steps", "--trainer.strategy", "--model.lr",
+                   "--data.batch_size", "--data.num_workers", "--data.train_size"):  # fmt: skip
+        assert option in out, option
+    assert "--trainer.barebones" not in out and "fit --trainer.strategy.help lightning_dp.DPStrategy" in out
+    tiny = str(CONFIGS / "tiny.yaml")
+    config = _help(["fit", "--config", tiny, "--trainer.barebones=true", "--print_config"], capsys)
+    assert "barebones: true" in config
+
+
+def test_images_of_any_aspect_ratio_become_square_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for k, (w, h) in enumerate([(40, 24), (24, 50)]):
+            folder = tmp_path / split / f"class{k}"
+            folder.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (h, w, 3)).astype("uint8")).save(folder / "0.png")
+    dm = vt.ImageDataModule(dataset="imagefolder", data_dir=str(tmp_path), img_size=16, batch_size=2)
+    dm.setup("fit")
+    x, y = next(iter(DataLoader(dm.train_set, batch_size=2)))
+    assert x.shape == (2, 3, 16, 16) and sorted(y.tolist()) == [0, 1]
+
+
+def test_the_documented_image_folder_recipe_parses(tree, capsys):
+    page = (ROOT / "docs/examples.md").read_text(encoding="utf-8")
+    section = page.split("## Your own ImageFolder", 1)[1].split("\n## ", 1)[0]
+    command = re.search(r"```bash\n(.*?)\n```", section, re.S).group(1).replace("\\\n", " ")
+    args = command.split()[2:]  # after `python examples/vit_transfer.py`
+    args = [str(ROOT / a) if a.startswith("examples/") else a.replace("my_data", str(tree)) for a in args]
+    config = _help([*args, "--print_config"], capsys)
+    for line in ("pretrained: true", "num_workers: 8", "target_epsilon: 8.0", "max_epochs: 5", "classes: null"):
+        assert line in config, line

@@ -2,8 +2,12 @@
 logger records the diagnostic.
 """
 
+import os
 import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +132,33 @@ def test_nonprivate_notice_only_when_a_logger_records_it(console, tmp_path):
         ClassifierModule(mlp()), loader(tensor_data(), 20)
     )
     assert NOTICE not in console()
+
+
+# ---------------------------------------------------------------------- lines of their own, no framework deprecations
+_RUN_WITH_A_PROGRESS_BAR = """
+import lightning as L
+from helpers import ClassifierModule, loader, mlp, tensor_data
+from lightning.pytorch.loggers import CSVLogger
+from lightning_dp import DPStrategy
+trainer = L.Trainer(max_epochs=2, accelerator="cpu", strategy=DPStrategy(noise_multiplier=1.0),
+                    logger=CSVLogger("logs"), enable_checkpointing=False, enable_model_summary=False)
+trainer.fit(ClassifierModule(mlp()), loader(tensor_data(), 20))
+"""
+
+
+def test_messages_start_their_own_line_under_a_progress_bar_and_no_deprecation_shows(tmp_path):
+    """A normal run, without quiet_lightning: stdout (the bar) and stderr (messages) in one stream, as a terminal."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}", "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN_WITH_A_PROGRESS_BAR], cwd=tmp_path, env=env, timeout=300,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:]
+    assert "it/s" in out and NOTICE in out, "the bar and a notice printed while it is open"
+    pieces = [p.strip() for p in re.split(r"[\r\n]", out)]
+    glued = [p for p in pieces if "lightning_dp:" in p and not p.startswith("lightning_dp:")]
+    assert not glued, glued
+    assert "deprecated" not in out.lower(), out

@@ -21,7 +21,6 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -33,6 +32,7 @@ from lightning_dp.audit.statistics import (
     max_epsilon_lower_bound,
 )
 from lightning_dp.callbacks._utils import require_dp_strategy
+from lightning_dp.console import notice, warn
 from lightning_dp.errors import DPMisconfigurationError
 from lightning_dp.randomness import RandomSource, stream_source
 from lightning_dp.reporting import log_final
@@ -181,7 +181,7 @@ class CanaryAudit(Callback):
         delta = strategy.delta if self.delta is None else self.delta
         tries = len(default_guess_fractions() if self.guess_fractions is None else self.guess_fractions)
         ceiling = max_epsilon_lower_bound(self.num_canaries, delta, 1.0 - (1.0 - self.confidence) / tries)
-        rank_zero_info(
+        notice(
             f"lightning_dp audit: {self.num_canaries} gradient canaries (about half of them included, each with"
             f" probability q per step); the audit can show at most ε ≥ {ceiling:.3g} at {self.confidence:.0%}"
             " confidence."
@@ -288,9 +288,9 @@ class CanaryAudit(Callback):
         result = self.result if self.result is not None else self.audit(strategy)
         log_final(trainer, {k: result.figures()[k] for k in ("audit/epsilon_lower_bound", "audit/claimed_epsilon")})
         if result.violated:
-            rank_zero_warn(result.describe())
+            warn(result.describe())
         else:
-            rank_zero_info(result.describe())
+            notice(result.describe())
         result.verdict(self.on_violation)
 
     # ------------------------------------------------------------------ checkpoints

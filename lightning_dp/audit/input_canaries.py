@@ -15,7 +15,6 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 from typing_extensions import override
@@ -23,6 +22,7 @@ from typing_extensions import override
 from lightning_dp.audit.result import AuditResult, OnViolation, check_audit_options
 from lightning_dp.audit.statistics import epsilon_lower_bound_from_scores
 from lightning_dp.callbacks._utils import require_dp_strategy
+from lightning_dp.console import notice, warn
 from lightning_dp.errors import DPMisconfigurationError
 from lightning_dp.randomness import fresh_seed, stream_source
 from lightning_dp.reporting import log_final
@@ -145,7 +145,7 @@ class InputCanaryAudit(Callback):
                 " `audit.wrap(train_set)` (the real set plus the canaries drawn into the audit)."
             )
         self.epsilon_lower_bound = self.claimed_epsilon = self.result = self.scores = None
-        rank_zero_info(f"lightning_dp audit: {len(self.canaries)} input canaries, about half in the training set.")
+        notice(f"lightning_dp audit: {len(self.canaries)} input canaries, about half in the training set.")
 
     @torch.no_grad()
     def _scores(self, module: pl.LightningModule) -> np.ndarray:
@@ -192,7 +192,7 @@ class InputCanaryAudit(Callback):
             return
         result = self.result if self.result is not None else self.audit(trainer, pl_module)
         log_final(trainer, {k: result.figures()[k] for k in ("audit/epsilon_lower_bound", "audit/claimed_epsilon")})
-        (rank_zero_warn if result.violated else rank_zero_info)(result.describe())
+        (warn if result.violated else notice)(result.describe())
         result.verdict(self.on_violation)
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_dp.audit.result import AuditResult, OnViolation, check_audit_options
 from lightning_dp.audit.statistics import epsilon_lower_bound_from_scores
+from lightning_dp.console import notice
 from lightning_dp.randomness import fresh_seed, stream_source
 
 #: ``train_and_score(include_canary, run_index) -> score`` (higher: more likely included)
@@ -72,7 +72,7 @@ def multi_run_audit(
     scores = np.array([float(train_and_score(bool(inc), i)) for i, inc in enumerate(included)])
     eps, guesses, correct = epsilon_lower_bound_from_scores(scores, included, delta, confidence, guess_fractions)
     result = AuditResult(eps, float(claimed_epsilon), delta, confidence, num_runs, guesses, correct, unit="runs")
-    rank_zero_info(result.describe())
+    notice(result.describe())
     result.verdict(on_violation)
     return result
 

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 from lightning_dp.callbacks._utils import require_dp_strategy, sum_over_ranks
+from lightning_dp.console import notice
 from lightning_dp.errors import DPMisconfigurationError
 from lightning_dp.noise import add_gaussian
 
@@ -229,7 +229,7 @@ class AdaptiveClipping(Callback):
             )
         if self._bound is None:
             self._bound = self.initial_max_grad_norm or strategy.max_grad_norm
-            rank_zero_info(
+            notice(
                 f"lightning_dp: adaptive clipping from C={self._bound:.4g} to the {self.target_quantile:g}-quantile of"
                 f" the per-sample norms (learning rate {self.learning_rate:g}; count noise std"
                 f" {'B/20' if self.count_noise_multiplier is None else self.count_noise_multiplier})."

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_dp.callbacks._utils import require_dp_strategy, sum_over_ranks
+from lightning_dp.console import warn
 from lightning_dp.errors import DPMisconfigurationError
 from lightning_dp.noise import add_gaussian
 from lightning_dp.randomness import RandomSource
@@ -54,6 +54,22 @@ def geometric_edges(max_grad_norm: float, bins: int = 16, low: float = 0.01, hig
         raise DPMisconfigurationError(f"Need 0 < low < 1 < high < inf for the geometric edges, got {low}, {high}.")
     edges = [max_grad_norm * float(x) for x in np.geomspace(low, high, bins + 1)]
     return _with_clip_edge(edges, max_grad_norm)
+
+
+def import_wandb() -> Any:
+    """The ``wandb`` module, imported only when a run logs to W&B.
+
+    Raises:
+        ModuleNotFoundError: if wandb is not installed, naming the extra that installs it.
+    """
+    try:
+        import wandb
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            "Logging GradNormHistogram to a WandbLogger needs the `wandb` package, which lightning-dp installs only"
+            ' with its extra: pip install "lightning-dp[wandb]" (or pip install wandb).'
+        ) from err
+    return wandb
 
 
 def _with_clip_edge(edges: Sequence[float], max_grad_norm: float) -> list[float]:
@@ -327,7 +343,7 @@ class GradNormHistogram(Callback):
         self._edges = _with_clip_edge(self.user_edges, c) if self.user_edges else geometric_edges(c, self.bins)
         if not self.private and not self._warned:
             self._warned = True
-            rank_zero_warn(
+            warn(
                 "GradNormHistogram(private=False) logs exact statistics of private per-sample gradients (metrics"
                 " `nonprivate/...`): they are outside the DP guarantee and must not be published. Use private=True"
                 " for noised, accounted histograms."
@@ -437,9 +453,7 @@ class GradNormHistogram(Callback):
         metrics = self.metrics_of(release)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                import wandb
-
-                hist = wandb.Histogram(np_histogram=(counts.tolist(), display))
+                hist = import_wandb().Histogram(np_histogram=(counts.tolist(), display))
                 logger.experiment.log({tag: hist, "trainer/global_step": step})
             elif isinstance(logger, TensorBoardLogger):
                 mids = np.array([(a + b) / 2 for a, b in zip(display, display[1:])])

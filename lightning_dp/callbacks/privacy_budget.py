@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_dp.accounting import MechanismSegment
 from lightning_dp.budget import BudgetGuard
 from lightning_dp.callbacks._utils import require_dp_strategy
+from lightning_dp.console import notice
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError
 
 if TYPE_CHECKING:
@@ -187,7 +187,7 @@ class PrivacyBudget(Callback):
             self.checkpoint_path = os.path.join(self._dirpath(trainer), self.filename.format(step=step))
             trainer.save_checkpoint(self.checkpoint_path)
             reason += f"; checkpoint saved to {self.checkpoint_path}"
-        rank_zero_info(reason + ".")
+        notice(reason + ".")
 
     def _dirpath(self, trainer: pl.Trainer) -> str:
         if self.dirpath is not None:

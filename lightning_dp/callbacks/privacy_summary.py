@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_dp.callbacks._utils import require_dp_strategy
+from lightning_dp.console import notice
 from lightning_dp.protocols import reported_figures
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ class PrivacySummary(Callback):
     :class:`lightning_dp.audit.CanaryAudit`) and the training throughput of this fit go
 
     - to the console, once, on global rank zero, as the table of :func:`format_privacy_summary` (through Lightning's
-      ``rank_zero_info``; ``print_table=False`` turns it off);
+      ``notice``; ``print_table=False`` turns it off);
     - to each logger's ``log_hyperparams`` (W&B config, TensorBoard hparams, CSV ``hparams.yaml``) and, for W&B, to
       the run summary (``experiment.summary``), where they show as columns of the runs table;
     - to :attr:`summary`.
@@ -228,4 +228,4 @@ class PrivacySummary(Callback):
                 logger.experiment.summary.update(self.summary)
         self.table = format_privacy_summary(self.summary, strategy)
         if self.print_table:
-            rank_zero_info(self.table)
+            notice(self.table)

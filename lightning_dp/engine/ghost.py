@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_dp.console import notice
 from lightning_dp.engine.base import ClippingEngine, NonFiniteMode
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
 from lightning_dp.engine.ghost_layers import GhostLayer, GhostRecord, ghost_layer_for
@@ -171,11 +171,11 @@ class GhostEngine(ClippingEngine):
             shared = any(owners.get(p, 0) > 1 for p in mod._parameters.values() if p is not None)
             layer.force_instantiate = shared
             self._layers.append(_Planned(name, layer, shared))
-            notice = layer.fallback_notice
-            if notice is not None and notice not in fallback:
-                fallback.append(notice)
+            layer_notice = layer.fallback_notice
+            if layer_notice is not None and layer_notice not in fallback:
+                fallback.append(layer_notice)
         if fallback:
-            rank_zero_info(
+            notice(
                 f"lightning_dp: GhostEngine has no ghost norm for {', '.join(fallback)}; the per-sample gradients of"
                 " these layers are instantiated with their registered rules (more time and memory than ghost norms)."
             )

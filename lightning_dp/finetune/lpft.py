@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from lightning_dp.console import notice
 from lightning_dp.errors import DPMisconfigurationError
 from lightning_dp.finetune.selection import Selection, select_parameters
 
@@ -100,7 +100,7 @@ class LinearProbeThenFineTune(pl.Callback):
         model = find_backbone(pl_module, self.model_attr)
         self.probe_selection = select_parameters(model, "head", head_pattern=self.head_pattern)
         trainer.strategy.refresh_trainable()
-        rank_zero_info(f"LP-FT: linear probing, {self.probe_selection}")
+        notice(f"LP-FT: linear probing, {self.probe_selection}")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         """Switch to fine-tuning at the planned step."""
@@ -112,4 +112,4 @@ class LinearProbeThenFineTune(pl.Callback):
             self.finetune_selection = select_parameters(model, self.finetune, head_pattern=self.head_pattern)
             trainer.strategy.refresh_trainable()
             self.switched = True
-            rank_zero_info(f"LP-FT: fine-tuning from step {trainer.global_step}, {self.finetune_selection}")
+            notice(f"LP-FT: fine-tuning from step {trainer.global_step}, {self.finetune_selection}")

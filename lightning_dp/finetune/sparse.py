@@ -16,9 +16,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
+from lightning_dp.console import notice
 from lightning_dp.errors import DPMisconfigurationError
 from lightning_dp.finetune.lpft import find_backbone
 from lightning_dp.finetune.selection import head_parameter_names, select_parameters
@@ -99,7 +99,7 @@ class SparseFineTuning(pl.Callback):
             self.initial = {n: params[n].detach().clone() for n in self.masks}
             kept = sum(int(m.sum()) for m in self.masks.values())
             total = sum(m.numel() for m in self.masks.values())
-            rank_zero_info(f"SPARTA: training {kept} of {total} rows of {len(self.masks)} tensors, and the head")
+            notice(f"SPARTA: training {kept} of {total} rows of {len(self.masks)} tensors, and the head")
         self.phase = phase
         if phase == "sparse":  # clip per sample over the kept rows only, as SPARTA does
             trainer.strategy.grad_masks = {

@@ -39,8 +39,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_dp.console import notice, warn
 from lightning_dp.errors import DPMisconfigurationError
 from lightning_dp.randomness import RandomSource, SecureSource, TorchSource, derive_seed, fresh_seed
 from lightning_dp.strategy import DPStrategy
@@ -72,7 +72,7 @@ class SearchSources:
                 " secure generator); remove the seed or turn secure mode off for reproducible tests."
             )
         if seed is not None:
-            rank_zero_warn(
+            warn(
                 "lightning_dp: the search's seed is fixed: the number of runs, the configurations and the score noise"
                 " can be rebuilt by anyone who knows it. Use it for reproducible tests only."
             )
@@ -265,7 +265,7 @@ class PrivateSearch:
                     f"{path} belongs to a search declared differently ({state.get('declaration')}); a search cannot"
                     " change its space, distribution, target or selection when it resumes. Use a new directory."
                 )
-            rank_zero_info(
+            notice(
                 f"lightning_dp: resuming the search in {self.directory}: {len(state['results'])} of"
                 f" {state['runs_drawn']} runs done (the count is not redrawn)."
             )
@@ -353,7 +353,7 @@ class PrivateSearch:
         epsilon = self.epsilon(sigmas)
         sources = SearchSources(self.secure_mode, self.seed)
         state = self._load_or_draw(sources)
-        rank_zero_info(
+        notice(
             f"lightning_dp: search of {state['runs_drawn']} runs drawn from {self.runs!r}; ε = {epsilon:.4g} at"
             f" δ = {self.delta:g} for the whole search ({self.selection} selection)."
         )
@@ -389,7 +389,7 @@ class PrivateSearch:
                 model = self.model_factory(out.config)
                 model.load_state_dict(torch.load(out.checkpoint, weights_only=True))
             out.model = model
-        rank_zero_info(f"lightning_dp: {out.summary()}")
+        notice(f"lightning_dp: {out.summary()}")
         return out
 
 

@@ -6,9 +6,9 @@ See :mod:`lightning_dp.engine.fallback.planner` for the whole picture.
 
 from __future__ import annotations
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from lightning_dp.console import notice
 from lightning_dp.engine.contributions import Contribution
 from lightning_dp.engine.fallback.units import UnitRule, unit_rule_for
 
@@ -117,7 +117,7 @@ class FallbackPlan:
         """Log ``message`` once per ``key`` (on rank zero)."""
         if key not in self._announced:
             self._announced.add(key)
-            rank_zero_info(f"lightning_dp: {self.engine_name}: {message}")
+            notice(f"lightning_dp: {self.engine_name}: {message}")
 
     def _announce_plan(self, leftover: list[nn.Parameter]) -> None:
         if leftover:
