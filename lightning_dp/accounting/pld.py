@@ -26,11 +26,10 @@ from lightning_dp.accounting.base import (
     Groups,
     MechanismSegment,
     check_delta,
-    gaussian_epsilon,
     group_segments,
     merge_gaussians,
 )
-from lightning_dp.accounting.rdp import rdp_epsilon
+from lightning_dp.accounting.rdp import rdp_epsilon, shortcut_bounds
 
 #: The loss interval of the first (guide) evaluation; the second is half of it.
 COARSE_INTERVAL = 2e-3
@@ -117,17 +116,10 @@ def _refined_bound(groups: Groups, delta: float, relative_error: float) -> float
 @lru_cache(maxsize=1024)
 def _pld_epsilon(groups: Groups, delta: float, relative_error: float, rdp_only_above: float) -> tuple[float, float]:
     """(estimate, upper bound) of :class:`PLDAccountant` for grouped segments."""
-    if not groups:
-        return 0.0, 0.0
-    if all(q >= 1.0 for _, q, _ in groups):
-        eps = gaussian_epsilon(math.sqrt(sum(n / s**2 for s, _, n in groups)), delta)
-        return eps, eps
-    groups = merge_gaussians(groups)
-    rdp = rdp_epsilon(groups, delta)
-    if not rdp <= rdp_only_above:
-        # Tiny σ: the loss distribution spans a huge range (a huge grid), and such an ε carries no meaningful
-        # guarantee; the RDP bound is valid.
-        return rdp, rdp
+    groups, shortcut = shortcut_bounds(groups, delta, rdp_only_above)
+    if shortcut is not None:
+        return shortcut
+    rdp = rdp_epsilon(groups, delta)  # cached: the shortcut computed it
     failures = (MemoryError, FloatingPointError, ValueError, RuntimeError, ZeroDivisionError, OverflowError)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -34,11 +34,10 @@ from lightning_dp.accounting.base import (
     Groups,
     MechanismSegment,
     check_delta,
-    gaussian_epsilon,
     group_segments,
     merge_gaussians,
 )
-from lightning_dp.accounting.rdp import package_prvs, rdp_curve, rdp_epsilon, rdp_of, rdp_to_epsilon
+from lightning_dp.accounting.rdp import package_prvs, rdp_curve, rdp_epsilon, rdp_of, rdp_to_epsilon, shortcut_bounds
 
 
 def _domain_half_width(groups: Groups, eps_error: float, delta_error: float) -> float:
@@ -222,16 +221,10 @@ def _prv_epsilon(
     rdp_only_above: float,
 ) -> tuple[float, float]:
     """(estimate, reported upper bound) of the PRV accountant, with the adaptive precision of :class:`PRVAccountant`."""
-    if not groups:
-        return 0.0, 0.0
-    if all(q >= 1.0 for _, q, _ in groups):
-        eps = gaussian_epsilon(math.sqrt(sum(n / s**2 for s, _, n in groups)), delta)
-        return eps, eps
-    groups = merge_gaussians(groups)
-    rdp = rdp_epsilon(groups, delta)
-    if not rdp <= rdp_only_above:
-        # Tiny σ: the PRV domain grows without bound (tens of GiB), and such an ε carries no meaningful guarantee.
-        return rdp, rdp
+    groups, shortcut = shortcut_bounds(groups, delta, rdp_only_above)
+    if shortcut is not None:
+        return shortcut
+    rdp = rdp_epsilon(groups, delta)  # cached: the shortcut computed it
     delta_error = delta * delta_error_fraction
     failures = (MemoryError, FloatingPointError, ValueError, RuntimeError, ZeroDivisionError)
     with warnings.catch_warnings(), np.errstate(over="ignore", under="ignore"):

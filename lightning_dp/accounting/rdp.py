@@ -10,7 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from lightning_dp.accounting.base import Groups, MechanismSegment, check_delta, group_segments
+from lightning_dp.accounting.base import (
+    Groups,
+    MechanismSegment,
+    check_delta,
+    gaussian_epsilon,
+    group_segments,
+    merge_gaussians,
+)
 
 #: The RDP orders of the package's ``RDP`` accountant.
 _RDP_ORDERS = np.array([1.0 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)), dtype=np.float64)
@@ -58,6 +65,23 @@ def rdp_epsilon(groups: Groups, delta: float) -> float:
     if not groups:
         return 0.0
     return max(0.0, rdp_to_epsilon(rdp_of(groups), delta))
+
+
+def shortcut_bounds(groups: Groups, delta: float, rdp_only_above: float) -> tuple[Groups, tuple[float, float] | None]:
+    """The cases every accountant answers alike: no segment (0), only non-subsampled Gaussians (the closed form) and
+    tiny σ (the RDP bound: the loss distribution would span a huge grid, and such an ε carries no meaningful
+    guarantee). Returns the groups with their Gaussians merged, and ``(estimate, bound)`` when a shortcut applies.
+    """
+    if not groups:
+        return groups, (0.0, 0.0)
+    if all(q >= 1.0 for _, q, _ in groups):
+        eps = gaussian_epsilon(math.sqrt(sum(n / s**2 for s, _, n in groups)), delta)
+        return groups, (eps, eps)
+    groups = merge_gaussians(groups)
+    rdp = rdp_epsilon(groups, delta)
+    if not rdp <= rdp_only_above:
+        return groups, (rdp, rdp)
+    return groups, None
 
 
 class RDPAccountant:
