@@ -178,7 +178,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    quiet_lightning()
+    with quiet_lightning():  # closed on return: an in-process caller (a test) gets Lightning's messages back
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
     start = time.process_time()
     data = splits(args)
     features, classes = data["train"].tensors[0].shape[1], int(data["train"].tensors[1].max()) + 1
