@@ -1,7 +1,7 @@
 """The guards of the private step that keep state across steps: one release per sampled batch, one training loader,
 and the schedule of the sample-mixing probe (Lightning glue around :mod:`lightning_dp.probe`).
 
-Stateless guards live in :mod:`lightning_dp.guards`.
+Stateless guards live in ``lightning_dp.guards``.
 """
 
 from __future__ import annotations
