@@ -5,7 +5,12 @@ schedule, calibration, ledger), :mod:`lightning_dp.batch_selection` (samplers an
 :mod:`lightning_dp.budget` (budget guard, ε meter), :mod:`lightning_dp.checkpointing` and :mod:`lightning_dp.journal`
 (executed steps on disk, resume checks), :mod:`lightning_dp.randomness` (seeds), :mod:`lightning_dp.noise` (noise),
 :mod:`lightning_dp.guards` and :mod:`lightning_dp.probe` (invariants) and :mod:`lightning_dp.engine` (per-sample
-clipping). One logical step runs as named stages::
+clipping). The hooks here are short and hand their work to the strategy's collaborators:
+:mod:`lightning_dp.step_guards` (one release per batch, one loader, the probe's schedule),
+:mod:`lightning_dp.fit_planning` (each fit's plan), :mod:`lightning_dp.step_stages` (clipping the micro-batches),
+:mod:`lightning_dp.budget_stop` (``target_epsilon`` as a hard budget), the base class :mod:`lightning_dp.ranks` and
+the mixins :mod:`lightning_dp.strategy_properties` and :mod:`lightning_dp.strategy_checkpoints`. One logical step
+runs as named stages::
 
     micro-batches → clip (engine) → reduce + noise (one flat buffer) → record (ledger, journal) → write gradients
 
