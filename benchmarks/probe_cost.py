@@ -63,7 +63,7 @@ def main() -> None:
         for probe in (False, True, False, True):
             runs[probe] = fit_seconds(probe, args.steps, b)
         (off, _, _), (on, strategy, wall) = runs[False], runs[True]
-        schedule = strategy._probe
+        schedule = strategy._guards.probe
         print(
             f"B = {b}: probe off {off:.2f} s, on {on:.2f} s CPU ({(on / off - 1) * 100:+.1f} %); {schedule.probes}"
             f" probes, rate {schedule.rate:.3f} per step after the first, probe time {schedule.probe_seconds:.2f} s"

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lightning_dp.accounting import PrivacyLedger
 from lightning_dp.errors import DPMisconfigurationError
 from lightning_dp.journal import JournalError, PrivacyJournal, find_journal
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import lightning.pytorch as pl
 
     from lightning_dp.accounting import MechanismSegment
-    from lightning_dp.strategy import DPStrategy
 
+#: where checkpoints hold the privacy state
+STATE_KEY = "lightning_dp"
 _RUN_KEYS = ("run_id", "journal", "journal_records", "branch", "epoch", "epoch_first_step", "step_offset")
 
 
@@ -29,10 +32,25 @@ class ResumeError(DPMisconfigurationError):
     """A checkpoint whose privacy state cannot be resumed as it is (fork, missing journal, disagreement)."""
 
 
-def default_journal_dir(strategy: DPStrategy, trainer: pl.Trainer | None) -> str:
+class Ranks(Protocol):
+    """The place of this process among the ranks, and the broadcast between them (``DPStrategy`` provides it)."""
+
+    @property
+    def global_rank(self) -> int:
+        """The rank of this process."""
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks."""
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` of rank ``src`` on every rank."""
+
+
+def default_journal_dir(journal_dir: str | os.PathLike[str] | None, trainer: pl.Trainer | None) -> str:
     """``DPStrategy(journal_dir=...)``, else ``<trainer.default_root_dir>/dp_journal``."""
-    if strategy.journal_dir is not None:
-        return os.fspath(strategy.journal_dir)
+    if journal_dir is not None:
+        return os.fspath(journal_dir)
     root = trainer.default_root_dir if trainer is not None else os.getcwd()
     return os.path.join(root, "dp_journal")
 
@@ -78,7 +96,7 @@ class RunState:
             "step_offset": self.step_offset,
         }
 
-    def load(self, state: dict[str, Any], strategy: DPStrategy) -> None:
+    def load(self, state: dict[str, Any]) -> None:
         """Adopt a restored run (from :func:`restore_run`); the journal is reopened when training starts."""
         self.close()
         self.run_id = state.get("run_id")
@@ -90,16 +108,31 @@ class RunState:
         self.step_offset = int(state.get("step_offset") or 0)
         self._carry = state.get("carry")
 
-    def open(self, strategy: DPStrategy, trainer: pl.Trainer) -> None:
-        """Start (or continue) the journal at the beginning of a fit and record the session."""
+    def open(
+        self,
+        ranks: Ranks,
+        journal_dir: str | os.PathLike[str] | None,
+        trainer: pl.Trainer,
+        delta: float,
+        steps_taken: int,
+    ) -> None:
+        """Start (or continue) the journal at the beginning of a fit and record the session.
+
+        Args:
+            ranks: this process's rank, the number of ranks and the broadcast between them.
+            journal_dir: ``DPStrategy(journal_dir=...)``.
+            trainer: the trainer (its ``default_root_dir`` is the default journal directory's parent).
+            delta: δ of the run.
+            steps_taken: the run's step count when the session starts.
+        """
         info: dict[str, Any] = {}
-        if strategy.global_rank == 0:
+        if ranks.global_rank == 0:
             if self._journal is None:
                 if self.journal_path is not None and self._carry is None:
                     self._journal = PrivacyJournal.open(self.journal_path)
                 else:
-                    directory = default_journal_dir(strategy, trainer)
-                    self._journal = PrivacyJournal.create(directory, strategy.delta, run_id=self.run_id)
+                    directory = default_journal_dir(journal_dir, trainer)
+                    self._journal = PrivacyJournal.create(directory, delta, run_id=self.run_id)
                     if self._carry is not None:
                         self._journal.append_carried(self._carry)
                         self._carry = None
@@ -109,10 +142,10 @@ class RunState:
                         f"The privacy journal {self.journal_path} holds {self._journal.records} steps, the run"
                         f" {self.records}: it was changed by another process. Resume from a checkpoint instead."
                     )
-            self._journal.append_session(self.branch, strategy.plan.released_steps)
+            self._journal.append_session(self.branch, steps_taken)
             info = {"run_id": self.run_id, "journal": self.journal_path}
-        if strategy.world_size > 1:
-            info = strategy.broadcast(info, src=0)
+        if ranks.world_size > 1:
+            info = ranks.broadcast(info, src=0)
         self.run_id, self.journal_path = info["run_id"], info["journal"]
 
     def record(self, step: int, epoch: int, event: MechanismSegment | None) -> None:
@@ -178,7 +211,9 @@ def _refuse_repeated_evaluations(released: int, updates: int, context: str) -> N
 def restore_run(
     state: dict[str, Any],
     checkpoint: dict[str, Any] | None,
-    strategy: DPStrategy,
+    resume_policy: str,
+    journal_dir: str | os.PathLike[str] | None,
+    trainer: pl.Trainer | None,
     context: str,
     checkpoint_path: str | os.PathLike | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -188,10 +223,19 @@ def restore_run(
     (Poisson); the journal exists, names the same run, and its first ``journal_records`` steps compose to exactly
     the checkpoint's ledger; no step was executed after the checkpoint was written (else: a fork).
 
+    Args:
+        state: the checkpoint's privacy state (``checkpoint["lightning_dp"]``).
+        checkpoint: the whole checkpoint (its ``global_step``), if any.
+        resume_policy: ``DPStrategy(resume_policy=...)``.
+        journal_dir: ``DPStrategy(journal_dir=...)``, where the journal is looked for first.
+        trainer: the trainer of the fit (its default journal directory), if any.
+        context: what the state came from, for messages.
+        checkpoint_path: the checkpoint file (journals next to it are looked for too).
+
     Raises:
         ResumeError: naming what disagrees and how to proceed (``resume_policy``).
     """
-    policy = strategy.resume_policy
+    policy = resume_policy
     version = state.get("version")
     try:
         if version == 1:
@@ -226,8 +270,7 @@ def restore_run(
                 " with DPStrategy(resume_policy='trust_checkpoint'); its ledger is then taken as complete."
             )
         return plan_state, {"carry": ledger.state_dict(), "journal_records": 0, "epoch": -1}
-    trainer = strategy.lightning_module.trainer if strategy.lightning_module is not None else None
-    candidates: list[Any] = [run.get("journal"), default_journal_dir(strategy, trainer)]
+    candidates: list[Any] = [run.get("journal"), default_journal_dir(journal_dir, trainer)]
     if checkpoint_path is not None:
         here = Path(checkpoint_path).resolve().parent
         candidates += [here / "dp_journal", here.parent / "dp_journal", here.parent.parent / "dp_journal"]
@@ -272,4 +315,87 @@ def restore_run(
     return plan_state, run
 
 
-__all__ = ["ResumeError", "RunState", "default_journal_dir", "restore_run"]
+def privacy_state(
+    plan_state: dict[str, Any],
+    run: RunState,
+    max_grad_norm: float,
+    clipping: str,
+    nonprivate_buffers: tuple[str, ...],
+) -> dict[str, Any]:
+    """The privacy state that checkpoints hold under ``checkpoint["lightning_dp"]`` (plain numbers; no seeds)."""
+    return {
+        "version": 2,
+        "plan": plan_state,
+        **run.state_dict(),
+        "max_grad_norm": max_grad_norm,
+        "clipping": clipping,
+        "nonprivate_buffers": list(nonprivate_buffers),
+    }
+
+
+def restore_on_rank_zero(
+    ranks: Ranks, distributed: bool, restore: Callable[[], tuple[dict[str, Any], dict[str, Any]]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``restore`` (:func:`restore_run`) on rank 0 and give every rank its outcome (or its error).
+
+    Raises:
+        DPMisconfigurationError: on every rank, when rank 0's checks refused the state.
+    """
+    if ranks.global_rank == 0:
+        try:
+            outcome: dict[str, Any] = {"ok": restore()}
+        except DPMisconfigurationError as err:
+            outcome = {"error": str(err), "type": type(err).__name__}
+    else:
+        outcome = {}
+    outcome = ranks.broadcast(outcome, src=0) if distributed else outcome
+    if "error" in outcome:
+        raise DPMisconfigurationError(outcome["error"])
+    plan_state, run_state = outcome["ok"]
+    return plan_state, run_state
+
+
+def read_checkpoint(load: Callable[[], dict[str, Any]], checkpoint_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint ``load()`` reads.
+
+    Raises:
+        DPMisconfigurationError: if the file cannot be read (e.g. truncated).
+    """
+    try:
+        return load()
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise DPMisconfigurationError(
+            f"Cannot read the checkpoint {os.fspath(checkpoint_path)} ({type(err).__name__}: {err}). It may be"
+            " truncated (e.g. the process died while writing it). Resume from another checkpoint; if it is older"
+            " than the last step taken, the journal check will ask you to choose a resume_policy."
+        ) from err
+
+
+def privacy_state_of(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The checkpoint's privacy state, or None for a checkpoint without training progress.
+
+    Raises:
+        DPMisconfigurationError: if the checkpoint holds training progress but no privacy state.
+    """
+    state = checkpoint.get(STATE_KEY)
+    if state is None and checkpoint.get("global_step", 0) > 0:
+        raise DPMisconfigurationError(
+            f"The checkpoint {checkpoint_path} has training progress but no privacy ledger: it was not"
+            " written by DPStrategy, so the steps it took cannot be accounted for. To start private training"
+            " from its weights, load them (`Model.load_from_checkpoint(path)`) and call fit without ckpt_path."
+        )
+    return state
+
+
+__all__ = [
+    "STATE_KEY",
+    "Ranks",
+    "ResumeError",
+    "RunState",
+    "default_journal_dir",
+    "privacy_state",
+    "privacy_state_of",
+    "read_checkpoint",
+    "restore_on_rank_zero",
+    "restore_run",
+]

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 
 from lightning_dp.budget import EpsilonMeter
+from lightning_dp.console import notice
 from lightning_dp.plan import PrivacyPlan
 
 
@@ -74,6 +75,15 @@ def log_step(module: pl.LightningModule, metrics: dict[str, float], norms: Tenso
         module.log("nonprivate/step_clip_fraction", frac, on_step=True, on_epoch=False, batch_size=1)
 
 
+def announce_clip_fraction() -> None:
+    """Say that the logged ``nonprivate/step_clip_fraction`` is outside the guarantee."""
+    notice(
+        "lightning_dp: `nonprivate/step_clip_fraction` is a non-private diagnostic computed from private data"
+        " without noise; it is outside the DP guarantee. Pass DPStrategy(log_clip_fraction=False) to turn it"
+        " off."
+    )
+
+
 def log_final(trainer: pl.Trainer, metrics: dict[str, Any]) -> None:
     """Write final figures to every logger, and to run summaries (W&B) that would otherwise keep the last logged
     value of an earlier step.
@@ -85,4 +95,4 @@ def log_final(trainer: pl.Trainer, metrics: dict[str, Any]) -> None:
             summary.update(metrics)
 
 
-__all__ = ["epsilon_upper_bound", "log_final", "log_step", "start_meter", "step_metrics"]
+__all__ = ["announce_clip_fraction", "epsilon_upper_bound", "log_final", "log_step", "start_meter", "step_metrics"]

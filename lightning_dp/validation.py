@@ -164,6 +164,17 @@ def validate_optimizers(optimizers: list[Optimizer]) -> None:
             )
 
 
+def several_optimizers_error() -> DPMisconfigurationError:
+    """The error for ``configure_optimizers`` returning several optimizers (what DP needs instead)."""
+    return DPMisconfigurationError(
+        "configure_optimizers returned several optimizers. DPStrategy privatises one gradient per step for one"
+        " optimizer under automatic optimization (Lightning's hint to set automatic_optimization=False does"
+        " not apply: manual optimization cannot be made private here). Put all parameters in one optimizer"
+        " with parameter groups, e.g. torch.optim.AdamW([{'params': backbone, 'lr': 1e-4}, {'params': head,"
+        " 'lr': 1e-3}])."
+    )
+
+
 def validate_options(
     max_grad_norm: float,
     max_physical_batch_size: int | None,

@@ -110,10 +110,10 @@ def test_mixing_switched_on_after_warmup_is_caught_at_a_later_step():
 def test_random_later_probes_keep_to_their_budget():
     s = DPStrategy(noise_multiplier=1.0)
     trainer(s, max_steps=30).fit(ClassifierModule(mlp()), loader(tensor_data(), 40))
-    assert s._probe.probes >= 1 and s._probe.rate is not None and 0 <= s._probe.rate <= 1
+    assert s._guards.probe.probes >= 1 and s._guards.probe.rate is not None and 0 <= s._guards.probe.rate <= 1
     s = DPStrategy(noise_multiplier=1.0, probe_budget=0.0)
     trainer(s, max_steps=10).fit(ClassifierModule(mlp()), loader(tensor_data(), 40))
-    assert s._probe.probes == 1
+    assert s._guards.probe.probes == 1
 
 
 def test_probe_has_no_false_alarm_with_dropout_and_augmentation():
@@ -126,7 +126,7 @@ def test_probe_has_no_false_alarm_with_dropout_and_augmentation():
     ds = Augmented(torch.randn(32, 3, 16, 16), torch.randint(0, 3, (32,)))
     s = DPStrategy(noise_multiplier=1.0, probe_budget=1.0)
     trainer(s, max_steps=3).fit(ClassifierModule(vit), DataLoader(ds, batch_size=8))
-    assert s.ledger.steps == 3 and s._probe.probes == 3
+    assert s.ledger.steps == 3 and s._guards.probe.probes == 3
 
 
 # ---------------------------------------------------------------------- one release per sampled batch

@@ -1,0 +1,95 @@
+"""The strategy's layout (issue 21): the size bar, no import cycle through the strategy, its checkpointing or the
+callbacks (``TYPE_CHECKING`` and function-level imports included), and one budget class shared by the strategy and
+the ``PrivacyBudget`` callback.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import lightning_dp
+from lightning_dp.budget_stop import BudgetStop
+from lightning_dp.callbacks import PrivacyBudget
+
+ROOT = Path(lightning_dp.__file__).parent
+MODULES = {
+    ".".join(p.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__"): p for p in ROOT.rglob("*.py")
+}
+CHECKED = [
+    "strategy",
+    "strategy_properties",
+    "strategy_checkpoints",
+    "checkpointing",
+    "budget_stop",
+    "fit_planning",
+    "step_guards",
+    "step_stages",
+    "ranks",
+] + sorted(p.stem for p in (ROOT / "callbacks").glob("*.py"))
+
+
+def _imports(name: str) -> set[str]:
+    """The lightning_dp modules that module ``name`` imports anywhere in its source."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+        for t in targets:
+            while t and t not in MODULES:
+                t = t.rsplit(".", 1)[0] if "." in t else ""
+            if t and t != name:
+                out.add(t)
+    return out
+
+
+def _reachable(name: str) -> set[str]:
+    seen, todo = set(), [name]
+    while todo:
+        for dep in _imports(todo.pop()):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+@pytest.mark.parametrize("stem", CHECKED)
+def test_no_strategy_module_over_600_lines_nor_class_over_450(stem):
+    path = ROOT / f"{stem}.py" if (ROOT / f"{stem}.py").exists() else ROOT / "callbacks" / f"{stem}.py"
+    source = path.read_text()
+    assert len(source.splitlines()) <= 600, f"{path.name} has {len(source.splitlines())} lines"
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef):
+            size = node.end_lineno - node.lineno + 1
+            assert size <= 450, f"{path.name}: class {node.name} has {size} lines"
+
+
+@pytest.mark.parametrize(
+    "name", ["lightning_dp.strategy", "lightning_dp.checkpointing", "lightning_dp.callbacks.privacy_budget"]
+)
+def test_no_import_cycle_through_the_strategy_its_checkpoints_or_the_callbacks(name):
+    assert name not in _reachable(name), f"{name} imports itself through {sorted(_reachable(name))}"
+
+
+def test_the_strategy_imports_no_callback_and_checkpointing_not_the_strategy():
+    assert not {m for m in _reachable("lightning_dp.strategy") if m.startswith("lightning_dp.callbacks")}
+    assert "lightning_dp.strategy" not in _reachable("lightning_dp.checkpointing")
+    assert "lightning_dp.strategy" not in _reachable("lightning_dp.budget_stop")
+
+
+def test_the_strategy_and_the_privacy_budget_callback_share_one_budget_class():
+    from lightning_dp import DPStrategy
+
+    strategy = DPStrategy(target_epsilon=1.0)
+    assert strategy._budget is None  # built at the first fit (tests/test_privacy_paths.py runs it)
+    assert isinstance(PrivacyBudget(max_epsilon=1.0)._stop, BudgetStop)
+    assert "lightning_dp.budget_stop" in _imports("lightning_dp.strategy")
