@@ -246,7 +246,9 @@ def calibrate_search_noise(
         rtol: relative accuracy of σ (the result is always on the private side of the target).
 
     Returns:
-        σ per plan, in the order of ``plans``.
+        σ per plan, in the order of ``plans``. The search is calibrated on our integer-order bound (fast: no
+        ``dp_accounting`` call per bisection step); the ε then reported, :func:`search_epsilon_of_plans`, is at most
+        that bound, so the target holds.
 
     Raises:
         PrivacyTargetError: if the target cannot be met even with σ = 10⁴ (e.g. the extra segments alone exceed it).
@@ -260,21 +262,21 @@ def calibrate_search_noise(
         return [[(s, q, t), *extra] for s, (q, t) in zip(sigmas, plans)]
 
     def total(sigmas: Sequence[float]) -> float:
-        return search_epsilon_of_plans(plan_segments(sigmas), delta, runs)
+        return integer_order_search_epsilon(plan_segments(sigmas), delta, runs)
 
     def sigma_for(eps: float, q: float, steps: int) -> float:
         lo, hi = _SIGMA_RANGE
-        if search_epsilon_of_plans([[(hi, q, steps), *extra]], delta, runs) > eps:
+        if integer_order_search_epsilon([[(hi, q, steps), *extra]], delta, runs) > eps:
             raise PrivacyTargetError(
                 f"A search with {runs!r} cannot meet ε = {target_epsilon:g} at δ = {delta:g} for q = {q:g}, {steps}"
                 f" steps even at σ = {hi:g}{' (the score noise alone costs more)' if extra else ''}: raise the"
                 " target, lower the mean number of runs, or raise the score noise."
             )
-        if search_epsilon_of_plans([[(lo, q, steps), *extra]], delta, runs) <= eps:
+        if integer_order_search_epsilon([[(lo, q, steps), *extra]], delta, runs) <= eps:
             return lo
         while hi / lo > 1 + rtol:  # bisection in log σ: ε falls as σ grows
             mid = math.sqrt(lo * hi)
-            if search_epsilon_of_plans([[(mid, q, steps), *extra]], delta, runs) > eps:
+            if integer_order_search_epsilon([[(mid, q, steps), *extra]], delta, runs) > eps:
                 lo = mid
             else:
                 hi = mid
