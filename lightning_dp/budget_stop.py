@@ -9,6 +9,7 @@ user-facing :class:`~lightning_dp.callbacks.PrivacyBudget` callback (which wraps
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -17,7 +18,7 @@ from typing_extensions import override
 
 from lightning_dp.budget import BudgetGuard
 from lightning_dp.console import notice
-from lightning_dp.errors import PrivacyTargetError
+from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -68,6 +69,12 @@ class BudgetStop:
         lookahead: int = 64,
         name: str = "PrivacyBudget",
     ) -> None:
+        if not (max_epsilon > 0 and math.isfinite(max_epsilon)):
+            raise DPMisconfigurationError(f"max_epsilon must be a positive finite number, got {max_epsilon}.")
+        if delta is not None and not (0 < delta < 1):
+            raise DPMisconfigurationError(f"delta must be in (0, 1), got {delta}.")
+        if lookahead < 1:
+            raise DPMisconfigurationError(f"lookahead must be ≥ 1, got {lookahead}.")
         self.max_epsilon = float(max_epsilon)
         self.delta = delta
         self.save_checkpoint = save_checkpoint

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +11,6 @@ from typing_extensions import override
 
 from lightning_dp.budget_stop import BudgetStop
 from lightning_dp.callbacks._utils import require_dp_strategy
-from lightning_dp.errors import DPMisconfigurationError
 
 if TYPE_CHECKING:
     from lightning_dp.accounting import MechanismSegment
@@ -71,12 +69,6 @@ class PrivacyBudget(Callback):
         filename: str = "privacy-budget-step={step}.ckpt",
         lookahead: int = 64,
     ) -> None:
-        if not (max_epsilon > 0 and math.isfinite(max_epsilon)):
-            raise DPMisconfigurationError(f"max_epsilon must be a positive finite number, got {max_epsilon}.")
-        if delta is not None and not (0 < delta < 1):
-            raise DPMisconfigurationError(f"delta must be in (0, 1), got {delta}.")
-        if lookahead < 1:
-            raise DPMisconfigurationError(f"lookahead must be ≥ 1, got {lookahead}.")
         self._stop = BudgetStop(max_epsilon, delta, save_checkpoint, dirpath, filename, lookahead)
 
     @property
