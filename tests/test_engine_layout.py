@@ -2,12 +2,12 @@
 per-layer clipping held by the template as its own collaborator.
 """
 
-import ast
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from layout_check import imported_modules, size_problems
 from torch import nn
 
 import lightning_dp
@@ -27,41 +27,12 @@ def _module_name(path: Path) -> str:
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ENGINE_DIR)))
 def test_no_engine_module_over_600_lines_nor_class_over_450(path):
-    source = path.read_text()
-    assert len(source.splitlines()) <= 600, f"{path.name} has {len(source.splitlines())} lines"
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ClassDef):
-            size = node.end_lineno - node.lineno + 1
-            assert size <= 450, f"{path.name}: class {node.name} has {size} lines"
-
-
-def _imports(path: Path, modules: set[str]) -> set[str]:
-    """The engine modules ``path`` imports (function-level and TYPE_CHECKING imports included)."""
-    name = _module_name(path)
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        targets = []
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            # ``from pkg import submodule`` imports the submodule; ``from pkg import name`` imports pkg
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
-        for t in targets:
-            while t and t not in modules:
-                t = t.rsplit(".", 1)[0] if "." in t else ""
-            if t and t != name:
-                out.add(t)
-    return out
+    assert size_problems(path) == []
 
 
 def test_no_import_cycle_inside_the_engine():
     modules = {_module_name(p): p for p in MODULES}
-    graph = {m: _imports(p, set(modules)) for m, p in modules.items()}
+    graph = {m: imported_modules(m, set(modules)) for m in modules}
     # a package's __init__ imports its submodules; a submodule importing its own package's __init__ is then a cycle
     state: dict[str, int] = {}
 

@@ -3,19 +3,12 @@ callbacks (``TYPE_CHECKING`` and function-level imports included), and one budge
 the ``PrivacyBudget`` callback.
 """
 
-import ast
-from pathlib import Path
-
 import pytest
+from layout_check import ROOT, imported_modules, size_problems
 
-import lightning_dp
 from lightning_dp.budget_stop import BudgetStop
 from lightning_dp.callbacks import PrivacyBudget
 
-ROOT = Path(lightning_dp.__file__).parent
-MODULES = {
-    ".".join(p.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__"): p for p in ROOT.rglob("*.py")
-}
 CHECKED = [
     "strategy",
     "strategy_properties",
@@ -30,26 +23,7 @@ CHECKED = [
 
 
 def _imports(name: str) -> set[str]:
-    """The lightning_dp modules that module ``name`` imports anywhere in its source."""
-    path = MODULES[name]
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        targets = []
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
-        for t in targets:
-            while t and t not in MODULES:
-                t = t.rsplit(".", 1)[0] if "." in t else ""
-            if t and t != name:
-                out.add(t)
-    return out
+    return imported_modules(name)
 
 
 def _reachable(name: str) -> set[str]:
@@ -65,12 +39,7 @@ def _reachable(name: str) -> set[str]:
 @pytest.mark.parametrize("stem", CHECKED)
 def test_no_strategy_module_over_600_lines_nor_class_over_450(stem):
     path = ROOT / f"{stem}.py" if (ROOT / f"{stem}.py").exists() else ROOT / "callbacks" / f"{stem}.py"
-    source = path.read_text()
-    assert len(source.splitlines()) <= 600, f"{path.name} has {len(source.splitlines())} lines"
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ClassDef):
-            size = node.end_lineno - node.lineno + 1
-            assert size <= 450, f"{path.name}: class {node.name} has {size} lines"
+    assert size_problems(path) == []
 
 
 @pytest.mark.parametrize(
