@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import Tensor, nn
 
@@ -377,26 +378,13 @@ def probe_items(
 
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     makers = [
-        lambda: _to_device(items.collate_fn(list(probed)), device),
-        lambda: _to_device(items.collate_fn(list(replaced)), device),
+        lambda: move_data_to_device(items.collate_fn(list(probed)), device),
+        lambda: move_data_to_device(items.collate_fn(list(replaced)), device),
     ]
     if len(others) == m:
-        makers.append(lambda: _to_device(items.collate_fn(list(others)), device))
+        makers.append(lambda: move_data_to_device(items.collate_fn(list(others)), device))
     compare_passes(module, norms_of, makers, m, changed, public_buffers)
     return True
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, (list, tuple)):
-        moved = [_to_device(v, device) for v in batch]
-        if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-            return type(batch)(*moved)
-        return type(batch)(moved)
-    return batch
 
 
 class _logging_suppressed:
