@@ -206,6 +206,7 @@ class DPStrategy(DPStrategyProperties, PrivacyCheckpoints, OneTrainerOnly, OneOr
             nonfinite,
             resume_policy,
             epsilon_refresh_steps,
+            probe_budget,
         )
         validate_value("target_delta", target_delta)  # None is no longer a way to ask for the default
         self.target_epsilon = target_epsilon
@@ -219,8 +220,6 @@ class DPStrategy(DPStrategyProperties, PrivacyCheckpoints, OneTrainerOnly, OneOr
         self.engine_name = engine
         self.clipping = clipping
         self.check_sample_mixing = check_sample_mixing
-        if not 0 <= probe_budget <= 1:
-            raise DPMisconfigurationError(f"probe_budget is a share of run time in [0, 1], got {probe_budget}.")
         self.probe_budget = float(probe_budget)
         self._buffers = BufferWatch(public=public_buffers, nonprivate=nonprivate_buffers)
         self.nonfinite = nonfinite

@@ -183,6 +183,7 @@ def validate_options(
     nonfinite: str,
     resume_policy: str,
     epsilon_refresh_steps: int | None,
+    probe_budget: float = 0.02,
 ) -> None:
     """Check ``DPStrategy``'s non-privacy options (ε, δ and σ are checked by :class:`lightning_dp.plan.PrivacyPlan`).
 
@@ -207,6 +208,8 @@ def validate_options(
     ):
         if count is not None and count < 1:
             raise DPMisconfigurationError(f"{name} must be ≥ 1, got {count}.")
+    if not 0 <= probe_budget <= 1:
+        raise DPMisconfigurationError(f"probe_budget is a share of run time in [0, 1], got {probe_budget}.")
 
 
 def validate_training_loader(dataloader: object) -> tuple[Any, int]:

@@ -384,3 +384,8 @@ def test_the_documented_dp_sat_recipe_runs_at_no_extra_privacy_cost():
     sat, s = DPSAT(), DPStrategy(noise_multiplier=1.0)
     trainer(s, max_steps=4, callbacks=[sat]).fit(ClassifierModule(mlp()), loader(tensor_data(), 20))
     assert s.ledger.steps == 4 and sat.perturbed == 3  # one release per step; steps 2-4 took the ascent
+
+
+def test_probe_budget_must_be_a_share():
+    with pytest.raises(DPMisconfigurationError, match="probe_budget is a share"):
+        DPStrategy(noise_multiplier=1.0, probe_budget=1.5)
