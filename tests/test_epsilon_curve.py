@@ -16,7 +16,7 @@ from lightning_dp.accounting import (
     compute_epsilon,
 )
 from lightning_dp.budget import EpsilonMeter
-from tests.helpers import ClassifierModule, mlp, tensor_data, trainer
+from helpers import ClassifierModule, mlp, tensor_data, trainer
 
 
 def pld(sigma, q, steps, delta=1e-5, interval=1e-4):
