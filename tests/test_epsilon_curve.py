@@ -6,6 +6,7 @@ import pytest
 import torch
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant, privacy_loss_distribution
+from helpers import ClassifierModule, mlp, tensor_data, trainer
 
 from lightning_dp import DPStrategy
 from lightning_dp.accounting import (
@@ -16,7 +17,6 @@ from lightning_dp.accounting import (
     compute_epsilon,
 )
 from lightning_dp.budget import EpsilonMeter
-from helpers import ClassifierModule, mlp, tensor_data, trainer
 
 
 def pld(sigma, q, steps, delta=1e-5, interval=1e-4):

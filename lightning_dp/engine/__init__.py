@@ -7,7 +7,8 @@ What lives where:
 - :mod:`~lightning_dp.engine.contributions`: what an engine hands to the template per parameter group.
 - :mod:`~lightning_dp.engine.per_layer`: per-layer clipping (groups, bounds, clipping in backward), a collaborator
   of the template; :mod:`~lightning_dp.engine.nonfinite`: non-finite examples (zeroed and counted, or an error);
-  :mod:`~lightning_dp.engine.crosscheck`: the check of per-sample sums against autograd.
+  :mod:`~lightning_dp.engine.crosscheck`: the check of per-sample sums against autograd;
+  :mod:`~lightning_dp.engine.layout`: where parameters and their gradients live (whole, or sharded by FSDP2).
 - :mod:`~lightning_dp.engine.layers`: which layers an engine hooks, broadcast parameters, capture checks;
   :mod:`~lightning_dp.engine.precision`: rounding bounds of the clipped sums.
 - :mod:`~lightning_dp.engine.fallback`: ``torch.func`` for whatever no layer rule covers.
@@ -36,6 +37,7 @@ from lightning_dp.engine.contributions import Contribution, PerSampleGradients
 from lightning_dp.engine.ghost import GhostContribution, GhostEngine
 from lightning_dp.engine.ghost_layers import GhostLayer, GhostRecord, MatmulGhostLayer, register_ghost_layer
 from lightning_dp.engine.hooks import HookEngine
+from lightning_dp.engine.layout import LocalLayout, ParameterLayout
 from lightning_dp.engine.rules import (
     GradSampleRule,
     find_rule,
@@ -52,7 +54,11 @@ ENGINES: dict[str, type[ClippingEngine]] = {"hooks": HookEngine, "ghost": GhostE
 
 
 def build_engine(
-    name: str, module: nn.Module, loss_reduction: str = "mean", nonfinite: NonFiniteMode = "skip"
+    name: str,
+    module: nn.Module,
+    loss_reduction: str = "mean",
+    nonfinite: NonFiniteMode = "skip",
+    layout: ParameterLayout | None = None,
 ) -> ClippingEngine:
     """Build the per-sample gradient engine ``name`` for ``module``.
 
@@ -61,13 +67,14 @@ def build_engine(
         module: the model whose trainable parameters are clipped per sample.
         loss_reduction: ``"mean"`` or ``"sum"`` (how the loss combines per-sample losses).
         nonfinite: ``"skip"`` (zero out and count examples with a non-finite gradient norm) or ``"error"``.
+        layout: where the parameters live (default: whole in this process; see :mod:`~lightning_dp.engine.layout`).
 
     Raises:
         DPMisconfigurationError: for an unknown engine name.
     """
     if name not in ENGINES:
         raise DPMisconfigurationError(f"Unknown engine {name!r}; choose one of {sorted(ENGINES)}.")
-    return ENGINES[name](module, loss_reduction=loss_reduction, nonfinite=nonfinite)  # type: ignore[arg-type]
+    return ENGINES[name](module, loss_reduction=loss_reduction, nonfinite=nonfinite, layout=layout)  # type: ignore[arg-type]
 
 
 __all__ = [
@@ -80,6 +87,8 @@ __all__ = [
     "GhostRecord",
     "GradSampleRule",
     "HookEngine",
+    "LocalLayout",
+    "ParameterLayout",
     "MatmulGhostLayer",
     "NONFINITE_MODES",
     "NonFiniteMode",

@@ -39,6 +39,7 @@ from lightning_dp.engine.layers import (
     per_sample_broadcast,
     trainable_parameters,
 )
+from lightning_dp.engine.layout import LocalLayout, ParameterLayout
 from lightning_dp.engine.nonfinite import NONFINITE_MODES, NonFiniteCounter, NonFiniteMode
 from lightning_dp.engine.per_layer import PerLayerClipper
 
@@ -124,11 +125,13 @@ class ClippingEngine(ABC):
         module: nn.Module,
         loss_reduction: Literal["mean", "sum"] = "mean",
         nonfinite: NonFiniteMode = "skip",
+        layout: ParameterLayout | None = None,
     ) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
         self._nonfinite_counter = NonFiniteCounter(nonfinite)
         self.module = module
+        self.layout: ParameterLayout = layout if layout is not None else LocalLayout()
         self.loss_reduction = loss_reduction
         self.params: list[nn.Parameter] = trainable_parameters(module)
         self.param_names: dict[nn.Parameter, str] = {}
@@ -228,6 +231,8 @@ class ClippingEngine(ABC):
             defer: keep it for clipping time anyway (e.g. a layer sharing a parameter with another, whose groups
                 are merged first).
         """
+        if self.layout.rekeys:
+            group.rekey(self.layout.canonical)
         if (
             group.params
             and self.per_layer.in_backward
@@ -312,8 +317,7 @@ class ClippingEngine(ABC):
         if self._capturing:
             raise RuntimeError(f"{type(self).__name__}.capture is not re-entrant.")
         self._batch_size = batch_size
-        for p in self.params:
-            p.grad = None
+        self.layout.clear_grads(self.params)
         self._ready = []
         # Per-layer clipping in backward once the mode is known and autograd's sums are not needed any more.
         self.per_layer.start(batch_size, self._scale(), self.params[0].device, checking=self.check_against_autograd)
@@ -346,12 +350,23 @@ class ClippingEngine(ABC):
         self._ready = []
         # the groups of layers inside a fallback unit are replaced by the unit's
         groups = [g for g in groups if not self._fallback.covers(g)] + self._fallback.contributions()
+        if self.layout.rekeys:
+            for g in groups:
+                g.rekey(self.layout.canonical)
         return merge_shared([g for g in groups if g.params])
 
     def _check_sums(self, groups: list[Contribution]) -> None:
         """Compare each group's Σ_i g_i with autograd's ``p.grad`` (see :mod:`lightning_dp.engine.crosscheck`)."""
         rtol = check_tolerance(self._fallback.dtypes_seen())
-        check_contributions(groups, self.params, self.param_names, self._batch_size, rtol, self._fallback.explain)
+        check_contributions(
+            groups,
+            self.params,
+            self.param_names,
+            self._batch_size,
+            rtol,
+            self._fallback.explain,
+            self.layout.autograd_grad,
+        )
 
     def _apply_masks(self, groups: list[Contribution]) -> bool:
         """Mask the per-sample gradients of masked parameters (see :func:`apply_masks`); whether any group changed."""
@@ -373,8 +388,7 @@ class ClippingEngine(ABC):
 
     def _release(self) -> None:
         """Clear ``p.grad`` (it holds the micro-batch's non-private gradient) and free the capture."""
-        for p in self.params:
-            p.grad = None
+        self.layout.clear_grads(self.params)
         self._broadcast_grads = {}
         self._ready = []
         self.per_layer.release()
@@ -481,7 +495,7 @@ class ClippingEngine(ABC):
         """The clipped sum over all micro-batches since the last call (fp32; zeros for parameters with no
         gradient), and reset it.
         """
-        out = {p: self._summed.get(p, torch.zeros_like(p, dtype=torch.float32)) for p in self.params}
+        out = {p: self._summed[p] if p in self._summed else self.layout.zeros(p) for p in self.params}
         self._summed = {}
         return out
 

@@ -13,6 +13,7 @@ and output gradients only, see :class:`~lightning_dp.engine.ghost.GhostContribut
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +78,16 @@ class Contribution(ABC):
             keep: ``(b,)`` booleans.
         """
 
+    def rekey(self, key: Callable[[Tensor], nn.Parameter]) -> None:
+        """Name the group's parameters by ``key(p)`` from now on (the trained parameters, where a layer handed over
+        other objects: FSDP2's unsharded parameters, see :mod:`lightning_dp.engine.layout`).
+
+        Raises:
+            TypeError: if the group holds a parameter that ``key`` renames and cannot be renamed.
+        """
+        if any(key(p) is not p for p in self.params):
+            raise TypeError(f"{type(self).__name__} cannot rename its parameters (needed for sharded parameters).")
+
     def materialize(self) -> PerSampleGradients:
         """The group's per-sample gradients, materialised (needed when a parameter of the group is shared with
         another group, e.g. a weight used both by its layer and by an op elsewhere).
@@ -131,6 +142,14 @@ class PerSampleGradients(Contribution):
     @override
     def materialize(self) -> PerSampleGradients:
         return self
+
+    @override
+    def rekey(self, key: Callable[[Tensor], nn.Parameter]) -> None:
+        grads: dict[nn.Parameter, Tensor] = {}
+        for p, gs in self.grads.items():
+            k = key(p)
+            grads[k] = gs if k not in grads else grads[k] + gs
+        self.grads = grads
 
     def mask(self, masks: dict[nn.Parameter, Tensor]) -> bool:
         """Multiply the per-sample gradients of masked parameters by their 0/1 masks (broadcast over the batch).

@@ -35,6 +35,7 @@ def check_sums_against_autograd(
     spread: dict[nn.Parameter, Tensor] | None = None,
     rtol: float = 64 * torch.finfo(torch.float32).eps,
     explain: Callable[[nn.Parameter], str] | None = None,
+    grad_of: Callable[[nn.Parameter], Tensor | None] | None = None,
 ) -> None:
     """Compare an engine's Σ_i g_i with autograd's ``p.grad``, up to rounding.
 
@@ -49,15 +50,18 @@ def check_sums_against_autograd(
         spread: per parameter, ``Σ_i ‖g_i‖`` of its group (an upper bound of its own); absent: 0.
         rtol: the relative tolerance (see :func:`check_tolerance`).
         explain: the likely cause for a parameter that fails (named in the message).
+        grad_of: autograd's gradient of a parameter for this micro-batch (default ``p.grad``; sharded parameters:
+            see :mod:`lightning_dp.engine.layout`).
 
     Raises:
         DPMisconfigurationError: if a sum is off by more than the tolerance.
     """
     spread = spread or {}
     for p in params:
-        if p.grad is None:
+        grad = p.grad if grad_of is None else grad_of(p)
+        if grad is None:
             continue
-        ref = p.grad.float()
+        ref = grad.float()
         total = totals.get(p)
         err = ref.norm() if total is None else (total.float() - ref).norm()
         scale = ref.norm() + spread.get(p, torch.zeros(()))
@@ -77,6 +81,7 @@ def check_contributions(
     batch_size: int,
     rtol: float,
     explain: Callable[[nn.Parameter, Contribution | None], str],
+    grad_of: Callable[[nn.Parameter], Tensor | None] | None = None,
 ) -> None:
     """Compare each group's ``Σ_i g_i`` with autograd's ``p.grad`` (see :func:`check_sums_against_autograd`).
 
@@ -87,6 +92,7 @@ def check_contributions(
         batch_size: the micro-batch's number of examples.
         rtol: the relative tolerance (see :func:`check_tolerance`).
         explain: the likely cause for a parameter that fails, given the group that holds it (None: no group).
+        grad_of: autograd's gradient of a parameter for this micro-batch (default ``p.grad``).
 
     Raises:
         DPMisconfigurationError: if a sum is off by more than the tolerance.
@@ -101,7 +107,7 @@ def check_contributions(
         width = g.squared_norms().clamp(min=0).sqrt().sum()
         for p in sums:
             spread[p], group_of[p] = width, g
-    check_sums_against_autograd(params, totals, names, spread, rtol, lambda p: explain(p, group_of.get(p)))
+    check_sums_against_autograd(params, totals, names, spread, rtol, lambda p: explain(p, group_of.get(p)), grad_of)
 
 
 __all__ = ["check_contributions", "check_sums_against_autograd", "check_tolerance"]

@@ -27,6 +27,7 @@ backward, so autograd only propagates activation gradients.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ from lightning_dp.engine.contributions import Contribution, PerSampleGradients
 from lightning_dp.engine.ghost_layers import GhostLayer, GhostRecord, ghost_layer_for
 from lightning_dp.engine.ghost_layers.matmul import MatmulCaptured
 from lightning_dp.engine.layers import bound_inputs, plan_layers
+from lightning_dp.engine.layout import ParameterLayout
 from lightning_dp.errors import DPMisconfigurationError
 
 
@@ -61,12 +63,22 @@ class GhostContribution(Contribution):
         squared: from ``layer.squared_norms(captured)``.
     """
 
-    def __init__(self, name: str, layer: GhostLayer, captured: Any, squared: Tensor) -> None:
+    def __init__(
+        self,
+        name: str,
+        layer: GhostLayer,
+        captured: Any,
+        squared: Tensor,
+        key: Callable[[Tensor], nn.Parameter] | None = None,
+    ) -> None:
         self.name = name
         self.layer = layer
         self.captured = captured
         self._squared = squared
-        self._params = tuple(p for p in layer.module._parameters.values() if p is not None and p.requires_grad)
+        self._key = key
+        live = (p for p in layer.module._parameters.values() if p is not None)
+        trained = (p if key is None else key(p) for p in live)  # the trained parameter decides (not FSDP2's copy)
+        self._params = tuple(p for p in trained if p.requires_grad)
 
     @property
     @override
@@ -83,11 +95,20 @@ class GhostContribution(Contribution):
 
     @override
     def clipped_sum(self, factors: Tensor) -> dict[nn.Parameter, Tensor]:
-        return self.layer.clipped_sum(self.captured, factors)
+        return self._keyed(self.layer.clipped_sum(self.captured, factors))
 
     @override
     def materialize(self) -> PerSampleGradients:  # any-model: a weight shared with a fallback op
-        return PerSampleGradients(self.name, self.layer.instantiate(self.captured))
+        return PerSampleGradients(self.name, self._keyed(self.layer.instantiate(self.captured)))
+
+    @override
+    def rekey(self, key: Callable[[Tensor], nn.Parameter]) -> None:
+        self._params = tuple(key(p) for p in self._params)
+        inner = self._key
+        self._key = key if inner is None else (lambda p: key(inner(p)))
+
+    def _keyed(self, values: dict[nn.Parameter, Tensor]) -> dict[nn.Parameter, Tensor]:
+        return values if self._key is None else {self._key(p): v for p, v in values.items()}
 
     @override
     def zero_examples(self, keep: Tensor) -> None:
@@ -140,6 +161,7 @@ class GhostEngine(ClippingEngine):
         module: nn.Module,
         loss_reduction: Literal["mean", "sum"] = "mean",
         nonfinite: NonFiniteMode = "skip",
+        layout: ParameterLayout | None = None,
     ) -> None:
         self._records: dict[int, list[GhostRecord]] = {}
         self._completed: set[int] = set()
@@ -147,7 +169,7 @@ class GhostEngine(ClippingEngine):
         self._anchor: Tensor | None = None
         self.skip_param_grads = True
         self.last_methods: dict[str, str] = {}
-        super().__init__(module, loss_reduction, nonfinite)
+        super().__init__(module, loss_reduction, nonfinite, layout)
 
     # ------------------------------------------------------------------ planning
     @override
@@ -228,7 +250,8 @@ class GhostEngine(ClippingEngine):
                 return None
             replaced = None
             if not output.requires_grad:
-                if not any(p in self._switched_off for p in mod._parameters.values() if p is not None):
+                live = (p for p in mod._parameters.values() if p is not None)
+                if not any(self.layout.canonical(p) in self._switched_off for p in live):
                     return None  # frozen here: nothing to clip
                 # Its parameters' requires_grad is switched off and its input needs no gradient (e.g. the first
                 # layer): add a zero that requires grad so that the output gradient still reaches the hook.
@@ -292,6 +315,8 @@ class GhostEngine(ClippingEngine):
     def _restore_requires_grad(self) -> None:
         for p in self._switched_off:
             p.requires_grad_(True)
+            for alias in self.layout.aliases(p):  # FSDP2's unsharded copy took the flag at its all-gather
+                alias.requires_grad_(True)
         self._switched_off = set()
 
     @override
@@ -311,6 +336,10 @@ class GhostEngine(ClippingEngine):
         self._records = {}
         return out
 
+    @property
+    def _key_of(self) -> Callable[[Tensor], nn.Parameter] | None:
+        return self.layout.canonical if self.layout.rekeys else None
+
     def _group_of(self, planned: _Planned, records: list[GhostRecord]) -> Contribution:
         """One layer's contribution from its calls: ghost norms and the captured data, or per-sample gradients
         (instantiated: cheaper, forced, or a rule). Of an instantiated matrix-product layer whose per-sample gradients
@@ -321,7 +350,7 @@ class GhostEngine(ClippingEngine):
         squared = layer.squared_norms(captured)
         if squared is not None:
             self.last_methods[planned.name] = "ghost"
-            return GhostContribution(planned.name, layer, captured, squared)
+            return GhostContribution(planned.name, layer, captured, squared, self._key_of)
         self.last_methods[planned.name] = layer.instantiated_label
         group = PerSampleGradients(planned.name, layer.instantiate(captured))
         if (
@@ -329,7 +358,7 @@ class GhostEngine(ClippingEngine):
             and not layer.force_instantiate
             and _bytes(group.grads.values()) > _bytes([captured.a, captured.g])
         ):
-            return GhostContribution(planned.name, layer, captured, group.squared_norms())
+            return GhostContribution(planned.name, layer, captured, group.squared_norms(), self._key_of)
         return group
 
 

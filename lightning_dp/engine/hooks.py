@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_dp.engine.base import ClippingEngine, NonFiniteMode
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
 from lightning_dp.engine.layers import bound_inputs, plan_layers
+from lightning_dp.engine.layout import ParameterLayout
 from lightning_dp.engine.rules import GradSampleRule, find_rule
 from lightning_dp.errors import DPMisconfigurationError
 
@@ -44,13 +45,14 @@ class HookEngine(ClippingEngine):
         module: nn.Module,
         loss_reduction: Literal["mean", "sum"] = "mean",
         nonfinite: NonFiniteMode = "skip",
+        layout: ParameterLayout | None = None,
     ) -> None:
         #: per hooked layer index, the per-sample gradients of its parameters (summed over the layer's calls)
         self._grad_samples: dict[int, dict[nn.Parameter, Tensor]] = {}
         #: per hooked layer index, its calls in this micro-batch's forward and the output gradients received
         self._calls: dict[int, int] = {}
         self._arrived: dict[int, int] = {}
-        super().__init__(module, loss_reduction, nonfinite)
+        super().__init__(module, loss_reduction, nonfinite, layout)
 
     # ------------------------------------------------------------------ planning
     @override
