@@ -12,6 +12,7 @@ from lightning_dp.accounting import (
 from lightning_dp.console import hide_framework_deprecations
 from lightning_dp.errors import DPMisconfigurationError, PrivacyTargetError, UnsupportedLayerError
 from lightning_dp.model_fixes import fix_model
+from lightning_dp.model_parallel import DPModelParallelStrategy
 from lightning_dp.strategy import DPStrategy
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "PRVAccountant",
     "RDPAccountant",
     "DPMisconfigurationError",
+    "DPModelParallelStrategy",
     "DPStrategy",
     "PrivacyLedger",
     "PrivacyTargetError",
