@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from multinode_script import SAMPLING_SEED, N
 
 from lightning_dp.accounting import compute_epsilon
 from lightning_dp.batch_selection import PoissonBatchSampler
@@ -123,8 +124,6 @@ def test_two_nodes_draw_poisson_batches_by_global_rank(tmp_path, kind):
     """q < 1 with a fixed sampling seed: node r draws exactly global rank r's mask over its shard ``r::2`` (not the
     same mask on both nodes, which would include examples 2i and 2i + 1 together).
     """
-    from multinode_script import N, SAMPLING_SEED
-
     ranks = run_nodes(tmp_path, kind, "poisson", 2)
     steps, q = 4, 10 / N
     for rank, r in enumerate(ranks):
