@@ -42,8 +42,8 @@ def base_env():
     return env
 
 
-def run_nodes(tmp_path, kind, mode, nodes):
-    """Start one process per node (each as a node of a multi-node job when ``nodes`` > 1) and load what each saw."""
+def start_nodes(tmp_path, kind, mode, nodes):
+    """Start one process per node (each as a node of a multi-node job when ``nodes`` > 1)."""
     port = free_port()
     procs = []
     for node in range(nodes):
@@ -52,6 +52,10 @@ def run_nodes(tmp_path, kind, mode, nodes):
             env.update(NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         args = [sys.executable, SCRIPT, str(tmp_path), kind, mode, str(nodes)]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait_for(procs):
     try:
         outputs = [p.communicate(timeout=240)[0] for p in procs]
     finally:
@@ -61,6 +65,10 @@ def run_nodes(tmp_path, kind, mode, nodes):
                 p.communicate()
     for p, text in zip(procs, outputs):
         assert p.returncode == 0, text[-3000:]
+
+
+def results(tmp_path, kind, mode, nodes):
+    """What each rank saw and wrote, by global rank."""
     return [torch.load(tmp_path / f"{kind}-{mode}-{nodes}n-rank{r}.pt", weights_only=True) for r in range(nodes)]
 
 
@@ -98,8 +106,8 @@ def test_two_nodes_equal_one_process_and_write_once(tmp_path, kind):
     """q = 1, negligible noise: the nodes' shards are the halves of the dataset by *global* rank (a shard by local
     rank would be 0::2 on both nodes), their union is the one-process batch, and the update equals one process's.
     """
-    two = run_nodes(tmp_path, kind, "exact", 2)
-    one = run_nodes(tmp_path, kind, "exact", 1)[0]
+    wait_for(start_nodes(tmp_path, kind, "exact", 2) + start_nodes(tmp_path, kind, "exact", 1))  # side by side
+    two, one = results(tmp_path, kind, "exact", 2), results(tmp_path, kind, "exact", 1)[0]
     assert [(r["node_rank"], r["local_rank"], r["global_rank"], r["world_size"]) for r in two] == [
         (0, 0, 0, 2),
         (1, 0, 1, 2),
@@ -124,7 +132,8 @@ def test_two_nodes_draw_poisson_batches_by_global_rank(tmp_path, kind):
     """q < 1 with a fixed sampling seed: node r draws exactly global rank r's mask over its shard ``r::2`` (not the
     same mask on both nodes, which would include examples 2i and 2i + 1 together).
     """
-    ranks = run_nodes(tmp_path, kind, "poisson", 2)
+    wait_for(start_nodes(tmp_path, kind, "poisson", 2))
+    ranks = results(tmp_path, kind, "poisson", 2)
     steps, q = 4, 10 / N
     for rank, r in enumerate(ranks):
         expected = PoissonBatchSampler(N, q, steps, num_replicas=2, rank=rank, seed=SAMPLING_SEED)
