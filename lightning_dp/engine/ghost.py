@@ -37,8 +37,8 @@ from typing_extensions import override
 from lightning_dp.console import notice
 from lightning_dp.engine.base import ClippingEngine, NonFiniteMode
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
-from lightning_dp.engine.ghost_layers import GhostLayer, GhostRecord, ghost_layer_for
-from lightning_dp.engine.ghost_layers.matmul import MatmulCaptured
+from lightning_dp.engine.layer_rules import GhostLayer, GhostRecord, ghost_layer_for
+from lightning_dp.engine.layer_rules.matmul import MatmulCaptured
 from lightning_dp.engine.layers import bound_inputs, plan_layers
 from lightning_dp.errors import DPMisconfigurationError
 
