@@ -8,14 +8,14 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def moved_attribute(old: str, name: str, homes: Sequence[str], new: str) -> Any:
+def moved_attribute(old: str, name: str, homes: Sequence[str], new: str | None = None) -> Any:
     """``name`` looked up on the deprecated module ``old``: found in the first of ``homes`` that has it.
 
     Args:
         old: the deprecated module's name (``lightning_dp.sampling``).
         name: the attribute asked for.
         homes: the modules it may have moved to, in order.
-        new: where to import it from now (for the message).
+        new: where to import it from now (for the message); None: the home where it was found.
 
     Raises:
         AttributeError: for dunder names and names no home has.
@@ -25,7 +25,7 @@ def moved_attribute(old: str, name: str, homes: Sequence[str], new: str) -> Any:
             module = importlib.import_module(home)
             if hasattr(module, name):
                 warnings.warn(
-                    f"{old}.{name} moved to {new}.{name}; {old} will be removed in the next release.",
+                    f"{old}.{name} moved to {new or home}.{name}; {old} will be removed in the next release.",
                     DeprecationWarning,
                     stacklevel=3,
                 )

@@ -1,12 +1,17 @@
-"""The engine's layout (issue 21): one home per concept, the size bar, no import cycle, public import paths kept, and
-per-layer clipping held by the template as its own collaborator.
+"""The engine's layout (issue 21): one home per concept, the size bar, no import cycle, public import paths kept,
+per-layer clipping held by the template as its own collaborator, and one layer family's per-sample maths in one
+module, found through one registry per kind of rule.
 """
 
+import ast
+import importlib
 import math
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from layout_check import MODULES as PACKAGE_MODULES
 from layout_check import imported_modules, size_problems
 from torch import nn
 
@@ -127,3 +132,87 @@ def test_op_rules_have_one_registry_with_one_entry_point():
         op_rules.OP_RULES.pop("my_op", None)
         op_rules.OP_RULES.pop("__my_op__", None)
     assert op_rules.OP_RULES["mul_"] is op_rules.OP_RULES["mul"]
+
+
+#: each kind of layer rule: its one registering function and the registry module that defines it
+REGISTRIES = {
+    "register_grad_sampler": "lightning_dp.engine.layer_rules.grad_sampler_registry",
+    "register_ghost_layer": "lightning_dp.engine.layer_rules.ghost_layer_registry",
+    "register_broadcast_parameters": "lightning_dp.engine.layer_rules.broadcast_registry",
+}
+
+
+def _registering_modules() -> dict[str, set[str]]:
+    """Per module of the package, the registry functions it calls (as a decorator or a call) to register a rule."""
+    out: dict[str, set[str]] = {}
+    for name, path in PACKAGE_MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                called = getattr(node.func, "id", getattr(node.func, "attr", None))
+                if called in REGISTRIES:
+                    out.setdefault(name, set()).add(called)
+    return out
+
+
+def test_layer_rules_are_registered_only_by_the_layer_family_modules():
+    """Every registration of a layer rule is in a family module of ``engine.layer_rules`` that the package imports
+    (so lookups see it whatever the user imported), never in a registry, the engines or elsewhere.
+    """
+    from lightning_dp.engine.layer_rules import FAMILIES
+
+    families = {m.__name__ for m in FAMILIES}
+    outside = {m: sorted(calls) for m, calls in _registering_modules().items() if m not in families}
+    assert outside == {}
+
+
+def test_one_registry_per_kind_of_rule_with_one_function_each():
+    defined: dict[str, list[str]] = {}
+    for name, path in PACKAGE_MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name in REGISTRIES:
+                defined.setdefault(node.name, []).append(name)
+    assert defined == {fn: [module] for fn, module in REGISTRIES.items()}
+
+
+def test_a_layer_family_keeps_both_kinds_of_rule_in_one_module():
+    """A layer type with a ghost layer of ours and a grad-sampler rule of ours has both in the same module."""
+    from lightning_dp.engine.layer_rules import FAMILIES, ghost_layer_registry, grad_sampler_registry
+
+    ghost = ghost_layer_registry._GHOST_LAYERS
+    rules = {t: fn for t, (fn, _) in grad_sampler_registry._RULES.items() if fn.__module__.startswith("lightning_dp")}
+    both = sorted(set(ghost) & set(rules), key=str)
+    assert {nn.Conv1d, nn.Conv2d, nn.Embedding, nn.EmbeddingBag} <= set(both)
+    apart = {
+        t.__name__: (rules[t].__module__, ghost[t].__module__)
+        for t in both
+        if rules[t].__module__ != ghost[t].__module__
+    }
+    assert apart == {}
+    assert {fn.__module__ for fn in rules.values()} <= {m.__name__ for m in FAMILIES}
+
+
+#: the modules the layer rules moved from, and a name each still answers with
+OLD_PATHS = [
+    ("lightning_dp.engine.rules", "register_grad_sampler", "lightning_dp.engine.layer_rules"),
+    ("lightning_dp.engine.rules", "layer_norm_rule", "lightning_dp.engine.layer_rules.norms"),
+    ("lightning_dp.engine.rules", "reduce_to", "lightning_dp.engine.layer_rules.reductions"),
+    ("lightning_dp.engine.convolution", "conv_patches", "lightning_dp.engine.layer_rules.conv"),
+    ("lightning_dp.engine.embedding_bag", "bag_tokens", "lightning_dp.engine.layer_rules.embedding_bag"),
+    ("lightning_dp.engine.ghost_layers", "ghost_layer_for", "lightning_dp.engine.layer_rules"),
+    ("lightning_dp.engine.ghost_layers.base", "GhostLayer", "lightning_dp.engine.layer_rules"),
+    ("lightning_dp.engine.ghost_layers.conv", "Conv2dGhostLayer", "lightning_dp.engine.layer_rules.conv"),
+    ("lightning_dp.engine.ghost_layers.embedding", "EmbeddingCaptured", "lightning_dp.engine.layer_rules.embedding"),
+    ("lightning_dp.engine.ghost_layers.embedding_bag", "EmbeddingBagGhostLayer", "lightning_dp.engine.layer_rules"),
+    ("lightning_dp.engine.ghost_layers.linear", "LinearGhostLayer", "lightning_dp.engine.layer_rules.linear"),
+    ("lightning_dp.engine.ghost_layers.matmul", "MatmulCaptured", "lightning_dp.engine.layer_rules.matmul"),
+    ("lightning_dp.engine.ghost_layers.rule", "RuleGhostLayer", "lightning_dp.engine.layer_rules.rule_ghost_layer"),
+]
+
+
+@pytest.mark.parametrize(("old", "name", "new"), OLD_PATHS, ids=lambda v: v.rsplit(".", 1)[-1])
+def test_the_old_layer_rule_paths_still_import_with_a_deprecation_warning(old, name, new):
+    with pytest.warns(DeprecationWarning, match=f"{old}.{name} moved to lightning_dp.engine.layer_rules"):
+        value = getattr(importlib.import_module(old), name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert value is getattr(importlib.import_module(new), name)

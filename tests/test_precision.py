@@ -10,9 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_dp.clipping import clip_factors
 from lightning_dp.engine import GhostEngine
-from lightning_dp.engine.ghost_layers import Conv2dGhostLayer, EmbeddingGhostLayer, LinearGhostLayer
-from lightning_dp.engine.ghost_layers.embedding import EmbeddingCaptured
-from lightning_dp.engine.ghost_layers.matmul import MatmulCaptured
+from lightning_dp.engine.layer_rules import Conv2dGhostLayer, EmbeddingGhostLayer, LinearGhostLayer
+from lightning_dp.engine.layer_rules.embedding import EmbeddingCaptured
+from lightning_dp.engine.layer_rules.matmul import MatmulCaptured
 from lightning_dp.engine.precision import (
     bmm_f32,
     emulate_rounded_scaling,
@@ -95,7 +95,7 @@ def test_linear_layer_on_meta_uses_bf16_products_with_fp32_results(t, d, p):
 
 def test_conv_and_embedding_layers_on_meta():
     conv = Conv2dGhostLayer(nn.Conv2d(3, 32, 4, stride=4, device="meta"))
-    from lightning_dp.engine.ghost_layers import GhostRecord
+    from lightning_dp.engine.layer_rules import GhostRecord
 
     x = torch.empty(2, 3, 16, 16, dtype=BF16, device="meta")
     grad = torch.empty(2, 32, 4, 4, dtype=BF16, device="meta")

@@ -11,17 +11,22 @@ What lives where:
   :mod:`~lightning_dp.engine.layout`: where parameters and their gradients live (whole, or sharded by FSDP2).
 - :mod:`~lightning_dp.engine.layers`: which layers an engine hooks, broadcast parameters, capture checks;
   :mod:`~lightning_dp.engine.precision`: rounding bounds of the clipped sums.
+- :mod:`~lightning_dp.engine.layer_rules`: the per-sample maths of layers, one module per layer family, and the
+  registries that find them.
 - :mod:`~lightning_dp.engine.fallback`: ``torch.func`` for whatever no layer rule covers.
 
-Where a new layer type's rule goes: one registry per kind of rule, each with one decorator or function.
+Where a new layer type's rule goes: one registry per kind of rule, each with one decorator or function; a layer
+family's maths (all its kinds of rule) in one module of :mod:`~lightning_dp.engine.layer_rules` named for the family
+(``linear``, ``conv``, ``embedding``, ``embedding_bag``, ``norms``, ``scales``, ``broadcast_tokens``), imported by
+that package's ``__init__`` so that it registers.
 
-- Per-sample gradients of a layer (the hooks engine, and the ghost engine for layers without a ghost rule):
-  :func:`register_grad_sampler` (:mod:`~lightning_dp.engine.rules`; the maths of convolutions and bags live in
-  :mod:`~lightning_dp.engine.convolution` and ``lightning_dp.engine.embedding_bag``). Opacus's registered grad
-  samplers are used after ours.
+- Per-sample gradients of a layer (the hooks engine, and the ghost engine for layers without a ghost layer):
+  :func:`register_grad_sampler` (:mod:`~lightning_dp.engine.layer_rules.grad_sampler_registry`). Opacus's
+  registered grad samplers are used after ours.
 - Ghost norms and book-keeping of a layer (the ghost engine): a :class:`GhostLayer` subclass with
-  :func:`register_ghost_layer`, one file per layer family in :mod:`~lightning_dp.engine.ghost_layers`.
-- Raw parameters broadcast along the batch (``cls_token``): :func:`register_broadcast_parameters`.
+  :func:`register_ghost_layer` (:mod:`~lightning_dp.engine.layer_rules.ghost_layer_registry`).
+- Raw parameters broadcast along the batch (``cls_token``): :func:`register_broadcast_parameters`
+  (:mod:`~lightning_dp.engine.layer_rules.broadcast_registry`).
 - Modules recomputed per example as a whole (RNNs, attention): ``register_unit_rule``, and their batch dimensions
   ``register_batch_dims`` (:mod:`~lightning_dp.engine.fallback.units`).
 - Closed-form per-sample rules of single ops met by traced parameters: ``register_op_rule``
@@ -35,15 +40,18 @@ from torch import nn
 from lightning_dp.engine.base import NONFINITE_MODES, ClippingEngine, NonFiniteMode
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
 from lightning_dp.engine.ghost import GhostContribution, GhostEngine
-from lightning_dp.engine.ghost_layers import GhostLayer, GhostRecord, MatmulGhostLayer, register_ghost_layer
 from lightning_dp.engine.hooks import HookEngine
-from lightning_dp.engine.layout import LocalLayout, ParameterLayout
-from lightning_dp.engine.rules import (
+from lightning_dp.engine.layer_rules import (
+    GhostLayer,
+    GhostRecord,
     GradSampleRule,
+    MatmulGhostLayer,
     find_rule,
     register_broadcast_parameters,
+    register_ghost_layer,
     register_grad_sampler,
 )
+from lightning_dp.engine.layout import LocalLayout, ParameterLayout
 from lightning_dp.errors import DPMisconfigurationError
 
 #: Per-sample clipping engines by name: subclasses of :class:`ClippingEngine`, built as ``cls(module,

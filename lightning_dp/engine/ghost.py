@@ -38,8 +38,8 @@ from typing_extensions import override
 from lightning_dp.console import notice
 from lightning_dp.engine.base import ClippingEngine, NonFiniteMode
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
-from lightning_dp.engine.ghost_layers import GhostLayer, GhostRecord, ghost_layer_for
-from lightning_dp.engine.ghost_layers.matmul import MatmulCaptured
+from lightning_dp.engine.layer_rules import GhostLayer, GhostRecord, ghost_layer_for
+from lightning_dp.engine.layer_rules.matmul import MatmulCaptured
 from lightning_dp.engine.layers import bound_inputs, plan_layers
 from lightning_dp.engine.layout import ParameterLayout
 from lightning_dp.errors import DPMisconfigurationError
@@ -120,14 +120,14 @@ class GhostEngine(ClippingEngine):
     """Per-sample clipping by book-keeping: ghost norms, one backward pass, no per-sample weight gradients.
 
     Used as described in :class:`~lightning_dp.engine.ClippingEngine`. Each hooked layer is handled by a
-    :class:`~lightning_dp.engine.ghost_layers.GhostLayer` registered for its type (see
-    :mod:`lightning_dp.engine.ghost_layers`).
+    :class:`~lightning_dp.engine.layer_rules.GhostLayer` registered for its type (see
+    :mod:`lightning_dp.engine.layer_rules`).
 
     Natively handled: ``nn.Linear`` (any input rank), ``nn.Conv2d`` and ``nn.Conv1d`` (``groups=1``, zero padding;
     via unfold they are linear maps on ``(B, L, C·k…)``), ``nn.Embedding``, LayerNorm (``nn`` and ``timm``) and
     ``timm`` LayerScale (whose per-sample gradients are as small as their parameters), and broadcast parameters
     (timm ViT's ``cls_token``, ``reg_token``, ``pos_embed``). Other layers with a rule in
-    :mod:`lightning_dp.engine.rules` (ours or Opacus's) fall back to per-sample instantiation with that rule,
+    :mod:`lightning_dp.engine.layer_rules` (ours or Opacus's) fall back to per-sample instantiation with that rule,
     announced once when the engine is built.
 
     Under autocast, the input of a linear or convolution layer is cast to the autocast dtype just before its forward

@@ -15,9 +15,9 @@ from typing_extensions import override
 
 from lightning_dp.engine.base import ClippingEngine, NonFiniteMode
 from lightning_dp.engine.contributions import Contribution, PerSampleGradients
+from lightning_dp.engine.layer_rules import GradSampleRule, find_rule
 from lightning_dp.engine.layers import bound_inputs, plan_layers
 from lightning_dp.engine.layout import ParameterLayout
-from lightning_dp.engine.rules import GradSampleRule, find_rule
 from lightning_dp.errors import DPMisconfigurationError
 
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lightning_dp.clipping import CLIP_EPS
 from lightning_dp.engine.crosscheck import check_sums_against_autograd, check_tolerance
-from lightning_dp.engine.rules import broadcast_parameter_names
+from lightning_dp.engine.layer_rules import broadcast_parameter_names
 from lightning_dp.errors import DPMisconfigurationError, UnsupportedLayerError
 
 #: ``(module name, module, parameter name, parameter)`` of a raw parameter broadcast along the batch.

@@ -96,8 +96,7 @@ def _unseen_use(where: str, cap: Capture | None, uses: list[str], elsewhere: lis
 
 def _rule_name(layer: nn.Module | None) -> str:
     """The qualified name of the engine rule registered for ``layer`` ("?" if none)."""
-    from lightning_dp.engine.ghost_layers.base import registered_ghost_layer
-    from lightning_dp.engine.rules import find_rule
+    from lightning_dp.engine.layer_rules import find_rule, registered_ghost_layer
 
     rule = None if layer is None else (registered_ghost_layer(layer) or find_rule(layer))
     rule_name = getattr(rule, "__qualname__", type(rule).__name__) if rule is not None else "?"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_dp.engine.rules import reduce_to
+from lightning_dp.engine.layer_rules.reductions import reduce_to
 
 #: ``rule(args, kwargs, tracked, grad, b) -> {id(tracked value): (b, *value.shape)} | None``: ``tracked`` holds the
 #: ids of the arguments whose per-sample cotangents are wanted (parameters, or values derived from them)

@@ -280,7 +280,7 @@ def register_unit_rule(*module_types: type[nn.Module]) -> Callable[[type[UnitRul
 
 def unit_rule_for(module: nn.Module) -> type[UnitRule] | None:
     """The unit rule registered for ``module``'s type (or a base class whose ``forward`` it keeps), or None."""
-    from lightning_dp.engine.rules import same_forward_bases
+    from lightning_dp.engine.layer_rules import same_forward_bases
 
     for t in same_forward_bases(module):
         rule = _UNIT_RULES.get(t)
