@@ -12,7 +12,7 @@ import sys
 import lightning as L
 import torch
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -46,14 +46,19 @@ def make_net(mode):
 
 
 class ShardedModule(ClassifierModule):
+    bf16 = False
+
     def configure_model(self):
         if not isinstance(self.trainer.strategy, DPModelParallelStrategy):
             return
         mesh = self.device_mesh["data_parallel"]
+        policy = MixedPrecisionPolicy()
+        if self.bf16:  # bf16 parameters in forward and backward; the sharded parameters and the reduction stay fp32
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in self.net:
             if any(True for _ in layer.parameters(recurse=False)):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(self, mesh=mesh, mp_policy=policy)
 
 
 class SaveAt(L.Callback):
@@ -98,6 +103,7 @@ def main():
     if mode == "resume" and ckpt is None and devices == 2 and "interrupted" in out:
         callbacks.append(SaveAt(3, os.path.join(out, "mid.ckpt")))
     model = ShardedModule(net, lr=lr, optimizer=optimizer)
+    model.bf16 = mode == "bf16"
     before = [p.detach().clone() for p in net.parameters()]
     trainer = L.Trainer(
         accelerator="cpu",

@@ -357,7 +357,9 @@ class ClippingEngine(ABC):
 
     def _check_sums(self, groups: list[Contribution]) -> None:
         """Compare each group's Σ_i g_i with autograd's ``p.grad`` (see :mod:`lightning_dp.engine.crosscheck`)."""
-        rtol = check_tolerance(self._fallback.dtypes_seen())
+        # FSDP2 may run the layers on copies in another dtype (MixedPrecisionPolicy(param_dtype=bf16))
+        aliases = [a.dtype for p in self.params for a in self.layout.aliases(p)]
+        rtol = check_tolerance([*self._fallback.dtypes_seen(), *aliases])
         check_contributions(
             groups,
             self.params,
