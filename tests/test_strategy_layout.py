@@ -61,4 +61,4 @@ def test_the_strategy_and_the_privacy_budget_callback_share_one_budget_class():
     strategy = DPStrategy(target_epsilon=1.0)
     assert strategy._budget is None  # built at the first fit (tests/test_privacy_paths.py runs it)
     assert isinstance(PrivacyBudget(max_epsilon=1.0)._stop, BudgetStop)
-    assert "lightning_dp.budget_stop" in _imports("lightning_dp.strategy")
+    assert "lightning_dp.budget_stop" in _imports("lightning_dp.private_training")  # the hooks of both strategies

@@ -357,18 +357,10 @@ class ClippingEngine(ABC):
 
     def _check_sums(self, groups: list[Contribution]) -> None:
         """Compare each group's Σ_i g_i with autograd's ``p.grad`` (see :mod:`lightning_dp.engine.crosscheck`)."""
-        # FSDP2 may run the layers on copies in another dtype (MixedPrecisionPolicy(param_dtype=bf16))
-        aliases = [a.dtype for p in self.params for a in self.layout.aliases(p)]
+        aliases = [a.dtype for p in self.params for a in self.layout.aliases(p)]  # FSDP2's bf16 compute copies
         rtol = check_tolerance([*self._fallback.dtypes_seen(), *aliases])
-        check_contributions(
-            groups,
-            self.params,
-            self.param_names,
-            self._batch_size,
-            rtol,
-            self._fallback.explain,
-            self.layout.autograd_grad,
-        )
+        known = (self.params, self.param_names, self._batch_size, rtol, self._fallback.explain)
+        check_contributions(groups, *known, self.layout.autograd_grad)
 
     def _apply_masks(self, groups: list[Contribution]) -> bool:
         """Mask the per-sample gradients of masked parameters (see :func:`apply_masks`); whether any group changed."""
