@@ -20,12 +20,15 @@ reduce-scatter).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import Tensor
 from torch.distributed.tensor import DTensor
@@ -139,6 +142,21 @@ class DPModelParallelStrategy(PrivateTraining, ModelParallelStrategy):
             world_size=self.world_size,
             rank=self.global_rank,
         )
+
+    @override
+    def _idle_passes(self, micro_batches: int) -> tuple[int, Callable[[], Any] | None]:
+        """FSDP2 all-gathers parameters in every forward and backward, a collective of all ranks: a rank with fewer
+        micro-batches (a smaller or empty Poisson batch) runs as many more passes as the busiest rank, on one training
+        example, and discards them (nothing is clipped into the sum; nothing is released).
+        """
+        count = torch.tensor([micro_batches], device=self.root_device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return int(count.item()) - micro_batches, self._idle_batch
+
+    def _idle_batch(self) -> Any:
+        items = self._guards.items
+        assert items is not None, "the training loader went through process_dataloader"
+        return move_data_to_device(items.collate_fn([items.dataset[0]]), self.root_device)
 
     def _setup_without_training(self, trainer: pl.Trainer) -> None:
         """Validation, test and predict: Lightning's own set-up (nothing private is released there)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -163,6 +163,12 @@ class PrivateTraining(DPStrategyProperties, PrivacyCheckpoints, OneTrainerOnly):
     def _new_engine(self, module: pl.LightningModule) -> ClippingEngine:
         """The per-sample clipping engine for ``module`` (parameters whole in this process by default)."""
         return build_engine(self.engine_name, module, self.loss_reduction, self.nonfinite)
+
+    def _idle_passes(self, micro_batches: int) -> tuple[int, Callable[[], Any] | None]:
+        """How many passes that add nothing this rank runs after its ``micro_batches``, and their batch (none:
+        without sharding the ranks need not run alike).
+        """
+        return 0, None
 
     # ------------------------------------------------------------------ public methods
     def refresh_trainable(self) -> None:
@@ -323,8 +329,9 @@ class PrivateTraining(DPStrategyProperties, PrivacyCheckpoints, OneTrainerOnly):
         started = time.perf_counter()
         before = self._buffers.snapshot(module)
         user_step = lambda micro: self._run_user_step(micro, rest, kwargs)  # noqa: E731
+        idle = self._idle_passes(len(micro_batches))
         clipped = clip_micro_batches(
-            self._engine, micro_batches, user_step, self.max_grad_norm, self.clipping, self.root_device
+            self._engine, micro_batches, user_step, self.max_grad_norm, self.clipping, self.root_device, *idle
         )
         self._nonfinite.add(clipped.nonfinite, self._plan.released_steps)
         self._buffers.check(module, before)

@@ -56,8 +56,15 @@ def clip_micro_batches(
     max_grad_norm: float,
     clipping: str,
     device: torch.device,
+    idle_passes: int = 0,
+    idle_batch: Callable[[], Any] | None = None,
 ) -> ClippedBatch:
-    """Stages 1–2: the user's forward and backward per micro-batch, then per-sample clipping into the engine's sum."""
+    """Stages 1–2: the user's forward and backward per micro-batch, then per-sample clipping into the engine's sum.
+
+    ``idle_passes`` more passes then run on ``idle_batch()`` and add nothing: their capture is freed with
+    :meth:`~lightning_dp.engine.ClippingEngine.probe_norms` (sharded models need every rank to run as many passes as
+    the busiest rank, see :mod:`lightning_dp.model_parallel`).
+    """
     losses: list[Tensor] = []
     norms: list[Tensor] = []
     group_norms: list[Tensor] = []
@@ -71,6 +78,12 @@ def clip_micro_batches(
             group_norms.append(engine.last_group_norms)
         losses.append(loss.detach().float() * size)
         last_output = output
+    for _ in range(idle_passes):
+        assert idle_batch is not None
+        with engine.capture(1):
+            _, loss = user_step(idle_batch())
+            loss.backward()
+        engine.probe_norms()  # frees the capture; nothing joins the clipped sum
     return ClippedBatch(
         losses=losses,
         norms=torch.cat(norms) if norms else torch.zeros(0, device=device),

@@ -40,13 +40,19 @@ def make_net(mode):
         layers.append(Gate(16))
     layers += [nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)]
     net = nn.Sequential(*layers)
-    if mode == "frozen":
+    if mode in ("frozen", "unfreeze"):
         net[0].requires_grad_(False)
     return net
 
 
 class ShardedModule(ClassifierModule):
     bf16 = False
+    all_params = False  # the optimizer holds frozen parameters too (they are unfrozen later)
+
+    def configure_optimizers(self):
+        if self.all_params:
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+        return super().configure_optimizers()
 
     def configure_model(self):
         if not isinstance(self.trainer.strategy, DPModelParallelStrategy):
@@ -59,6 +65,25 @@ class ShardedModule(ClassifierModule):
             if any(True for _ in layer.parameters(recurse=False)):
                 fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(self, mesh=mesh, mp_policy=policy)
+
+
+class UnfreezeAt(L.Callback):
+    """Unfreeze the first layer before step ``step`` (as BackboneFinetuning does)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            pl_module.net[0].requires_grad_(True)
+
+
+class Sizes(L.Callback):
+    def __init__(self):
+        self.sizes = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.sizes.append(int(batch[0].shape[0]))
 
 
 class SaveAt(L.Callback):
@@ -89,6 +114,11 @@ def main():
         ds = TensorDataset(torch.zeros(400, 50), torch.randint(0, 40, (400,)))
         strategy = cls(noise_multiplier=2.0, max_grad_norm=1.5, noise_seed=3, **options)
         batch, steps, lr, optimizer = 20, 1, 1.0, "sgd"
+    elif mode == "uneven":  # Poisson at q = 0.1 in micro-batches of 2: ranks differ in micro-batches, some empty
+        net = make_net(mode)
+        ds = tensor_data(n=60)
+        strategy = cls(noise_multiplier=1e-7, max_grad_norm=0.5, sampling_seed=11, max_physical_batch_size=2, **options)
+        batch, steps, lr, optimizer = 6, 8, 0.5, "sgd"
     elif mode == "resume":  # Poisson batches, noise and sampling from fixed seeds, Adam
         net = make_net(mode)
         ds = tensor_data(n=120)
@@ -99,11 +129,15 @@ def main():
         ds = tensor_data(n=24)
         strategy = cls(noise_multiplier=1e-7, max_grad_norm=0.5, max_physical_batch_size=5, **options)
         batch, steps, lr, optimizer = 24, 2, 0.5, "sgd"
-    callbacks = []
+    sizes = Sizes()
+    callbacks = [sizes]
     if mode == "resume" and ckpt is None and devices == 2 and "interrupted" in out:
         callbacks.append(SaveAt(3, os.path.join(out, "mid.ckpt")))
     model = ShardedModule(net, lr=lr, optimizer=optimizer)
     model.bf16 = mode == "bf16"
+    model.all_params = mode == "unfreeze"
+    if mode == "unfreeze":
+        callbacks.append(UnfreezeAt(1))
     before = [p.detach().clone() for p in net.parameters()]
     trainer = L.Trainer(
         accelerator="cpu",
@@ -130,6 +164,7 @@ def main():
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
             "sharded": [isinstance(p, DTensor) for p in net.parameters()],
+            "sizes": sizes.sizes,
         },
         os.path.join(out, f"{mode}-{kind}{'-resumed' if ckpt else ''}-{devices}-rank{trainer.global_rank}.pt"),
     )

@@ -18,14 +18,14 @@ sys.path.insert(0, HERE)
 from model_parallel_script import make_net  # noqa: E402
 
 
-def run(out, mode, devices=2, kind="fsdp", ckpt=None):
+def run(out, mode, devices=2, kind="fsdp", ckpt=None, timeout=300):
     root = os.path.dirname(HERE)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": root}
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT"):
         env.pop(key, None)
     os.makedirs(out, exist_ok=True)
     args = [sys.executable, SCRIPT, str(out), mode, str(devices), kind] + ([str(ckpt)] if ckpt else [])
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     tag = f"{mode}-{kind}{'-resumed' if ckpt else ''}-{devices}"
     return [torch.load(os.path.join(out, f"{tag}-rank{r}.pt"), weights_only=True) for r in range(devices)]
@@ -47,9 +47,11 @@ def brute_force_dp_sgd(mode, steps=2, c=0.5, lr=0.5, n=24):
 
     net = make_net(mode)
     x, y = tensor_data(n=n).tensors
-    groups = groups_of(net)
-    trained = [p for g in groups for p in g]
-    for _ in range(steps):
+    for step in range(steps):
+        if mode == "unfreeze" and step == 1:
+            net[0].requires_grad_(True)
+        groups = groups_of(net)
+        trained = [p for g in groups for p in g]
         total = [torch.zeros_like(p) for p in trained]
         for i in range(n):
             loss = nn.functional.cross_entropy(net(x[i : i + 1]), y[i : i + 1])
@@ -71,7 +73,7 @@ def brute_force_dp_sgd(mode, steps=2, c=0.5, lr=0.5, n=24):
     return [p.detach() for p in net.parameters()]
 
 
-@pytest.mark.parametrize("mode", ["flat", "per_layer", "hooks", "frozen", "fallback"])
+@pytest.mark.parametrize("mode", ["flat", "per_layer", "hooks", "frozen", "unfreeze", "fallback"])
 def test_sharded_steps_equal_brute_force_per_example_dp_sgd(tmp_path, mode):
     """q = 1, σ ≈ 0: after two steps the (gathered) sharded parameters equal per-example clipped DP-SGD; both ranks
     end with the same whole model, every parameter sharded; a frozen block is not moved."""
@@ -102,6 +104,22 @@ def test_noise_is_sigma_c_over_b_per_coordinate_and_drawn_once_across_ranks(tmp_
     assert abs(corr.item()) < 0.1
     assert torch.equal(ranks[0]["after"][0], ranks[1]["after"][0])
     assert ranks[0]["local"]["0.weight"].shape == (20, 50)  # each rank holds half of the weight
+
+
+def test_ranks_with_different_micro_batch_counts_and_empty_batches_step_together(tmp_path):
+    """FSDP2 all-gathers in every forward and backward, so every rank must run as many passes as the busiest one:
+    a rank with fewer micro-batches (or an empty Poisson batch) runs passes that add nothing. With the same
+    sampling seed and σ ≈ 0 the sharded run equals DPStrategy's."""
+    sharded = run(tmp_path / "fsdp", "uneven", kind="fsdp", timeout=150)
+    ddp = run(tmp_path / "ddp", "uneven", kind="ddp", timeout=150)
+    sizes = list(zip(sharded[0]["sizes"], sharded[1]["sizes"]))
+    assert sizes == list(zip(ddp[0]["sizes"], ddp[1]["sizes"]))
+    assert any((a + 1) // 2 != (b + 1) // 2 for a, b in sizes), sizes  # different micro-batch counts
+    assert any(0 in pair for pair in sizes), sizes  # an empty local batch
+    for a, b, before in zip(sharded[0]["after"], ddp[0]["after"], sharded[0]["before"]):
+        assert not torch.equal(a, before)
+        assert torch.allclose(a, b, atol=1e-5)
+    assert sharded[0]["ledger"] == ddp[0]["ledger"]
 
 
 def test_ledger_equals_dp_strategy_for_the_same_plan(tmp_path):
