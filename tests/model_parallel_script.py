@@ -119,10 +119,12 @@ def main():
         ds = tensor_data(n=60)
         strategy = cls(noise_multiplier=1e-7, max_grad_norm=0.5, sampling_seed=11, max_physical_batch_size=2, **options)
         batch, steps, lr, optimizer = 6, 8, 0.5, "sgd"
-    elif mode == "resume":  # Poisson batches, noise and sampling from fixed seeds, Adam
+    elif mode.startswith("resume"):  # Poisson batches, noise and sampling from fixed seeds, Adam
         net = make_net(mode)
         ds = tensor_data(n=120)
-        strategy = cls(noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=5, sampling_seed=6, **options)
+        strategy_kwargs = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "noise_seed": 5, "sampling_seed": 6}
+        strategy_kwargs.update(options)
+        strategy = cls(**strategy_kwargs)
         batch, steps, lr, optimizer = 12, 6, 0.01, "adam"
     else:  # q = 1, σ ≈ 0: two steps of exact clipped DP-SGD
         net = make_net(mode)
@@ -131,7 +133,9 @@ def main():
         batch, steps, lr, optimizer = 24, 2, 0.5, "sgd"
     sizes = Sizes()
     callbacks = [sizes]
-    if mode == "resume" and ckpt is None and devices == 2 and "interrupted" in out:
+    if kind == "fsdp" and mode == "resume_full":  # one file assembled on rank 0 instead of a folder of shards
+        strategy = cls(save_distributed_checkpoint=False, **strategy_kwargs)
+    if mode.startswith("resume") and ckpt is None and devices == 2 and "interrupted" in out:
         callbacks.append(SaveAt(3, os.path.join(out, "mid.ckpt")))
     model = ShardedModule(net, lr=lr, optimizer=optimizer)
     model.bf16 = mode == "bf16"

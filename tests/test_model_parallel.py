@@ -130,15 +130,16 @@ def test_ledger_equals_dp_strategy_for_the_same_plan(tmp_path):
     assert sharded[0]["global_step"] == 6
 
 
-def test_resume_from_a_sharded_checkpoint_equals_an_uninterrupted_run(tmp_path):
-    """Fixed noise and sampling seeds (streams keyed by step): stopping at step 3, saving a distributed checkpoint
-    and resuming gives the parameters and ledger of the run that never stopped."""
-    whole = run(tmp_path / "whole", "resume")
-    first = run(tmp_path / "interrupted", "resume")
+@pytest.mark.parametrize("mode", ["resume", "resume_full"])
+def test_resume_from_a_sharded_or_full_checkpoint_equals_an_uninterrupted_run(tmp_path, mode):
+    """Fixed noise and sampling seeds (streams keyed by step): stopping at step 3, saving a checkpoint (a folder of
+    shards, or one full file) and resuming gives the parameters and ledger of the run that never stopped."""
+    whole = run(tmp_path / "whole", mode)
+    first = run(tmp_path / "interrupted", mode)
     assert first[0]["global_step"] == 3
     ckpt = tmp_path / "interrupted" / "mid.ckpt"
-    assert ckpt.is_dir()  # one shard per rank
-    resumed = run(tmp_path / "interrupted", "resume", ckpt=ckpt)
+    assert ckpt.is_dir() if mode == "resume" else ckpt.is_file()
+    resumed = run(tmp_path / "interrupted", mode, ckpt=ckpt)
     assert resumed[0]["global_step"] == 6
     assert resumed[0]["ledger"] == whole[0]["ledger"]
     for a, b in zip(resumed[0]["after"], whole[0]["after"]):
