@@ -62,3 +62,29 @@ def test_the_strategy_and_the_privacy_budget_callback_share_one_budget_class():
     assert strategy._budget is None  # built at the first fit (tests/test_privacy_paths.py runs it)
     assert isinstance(PrivacyBudget(max_epsilon=1.0)._stop, BudgetStop)
     assert "lightning_dp.budget_stop" in _imports("lightning_dp.private_training")  # the hooks of both strategies
+
+
+def test_dp_strategy_keeps_the_shared_privacy_signature():
+    """DPStrategy spells out its privacy arguments (public API, shown in the docs); they must be exactly those of
+    PrivateTraining._init_privacy (shared with DPModelParallelStrategy), with the same defaults."""
+    import inspect
+
+    from lightning_dp import DPStrategy
+    from lightning_dp.private_training import PrivateTraining
+
+    shared = dict(inspect.signature(PrivateTraining._init_privacy).parameters)
+    shared.pop("self")
+    own = inspect.signature(DPStrategy.__init__).parameters
+    for name, param in shared.items():
+        assert name in own, name
+        assert own[name].default == param.default, name
+    lightning = [n for n in own if n not in shared and n != "self"]
+    assert lightning == [
+        "accelerator",
+        "parallel_devices",
+        "cluster_environment",
+        "checkpoint_io",
+        "precision_plugin",
+        "process_group_backend",
+        "timeout",
+    ]
