@@ -158,6 +158,7 @@ class ClippingEngine(ABC):
             broadcast,
             self.param_names,
             type(self).__name__,
+            self.layout,
         )
 
     # ------------------------------------------------------------------ what a subclass provides
@@ -327,7 +328,7 @@ class ClippingEngine(ABC):
         self._fallback.start(batch_size, discover=self.check_against_autograd)  # any-model
         self._capturing = True
         try:
-            with per_sample_broadcast(self._broadcast, batch_size, broadcast_grads):
+            with per_sample_broadcast(self._broadcast, batch_size, broadcast_grads, in_forward=self.layout.rekeys):
                 yield
         finally:
             self._capturing = False
