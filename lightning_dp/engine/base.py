@@ -150,15 +150,8 @@ class ClippingEngine(ABC):
         self._plan()
         broadcast = [p for *_, p in self._broadcast]
         self.per_layer = PerLayerClipper(module, self.params, broadcast, self.param_names, type(self).__name__)
-        # ---- any-model: the torch.func fallback for what the engine's layer rules do not cover
-        self._fallback = FunctionalFallback(
-            module,
-            self.params,
-            self.layer_names,
-            broadcast,
-            self.param_names,
-            type(self).__name__,
-            self.layout,
+        self._fallback = FunctionalFallback(  # any-model: torch.func for what the engine's layer rules do not cover
+            module, self.params, self.layer_names, broadcast, self.param_names, type(self).__name__, self.layout
         )
 
     # ------------------------------------------------------------------ what a subclass provides

@@ -105,6 +105,9 @@ class OpDispatcher:
                 other = other if other is not None else x
                 all_constant = False
         if not tracked:
+            if other is not None and cap.discover:  # a layer on a folded batch: an enclosing module may become a unit
+                for key, x in live:  # whose recomputation needs its parameters' values as the forward used them
+                    cap.keep_value(key, x)
             out = func(*args, **kwargs)
             if all_constant:
                 for y in tree_flatten(out)[0]:
