@@ -60,12 +60,13 @@ class Fold(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(width)  # a layer with a rule, on the batch before the fold
         self.proj = nn.Linear(width, width)
         self.w = nn.Parameter(torch.randn(width) * 0.5)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, f = x.shape
-        return (self.proj(x.reshape(b * t, f)) * self.w).reshape(b, t, f)
+        return (self.proj(self.norm(x).reshape(b * t, f)) * self.w).reshape(b, t, f)
 
 
 class UnitNet(nn.Module):
@@ -141,7 +142,9 @@ def _brute_force(ref: nn.Module, x: Tensor, y: Tensor, clipping: str) -> dict[st
     return total
 
 
-def _case(kind: str, engine_name: str, clipping: str, rank: int, mesh: object) -> dict[str, object]:
+def _case(
+    kind: str, engine_name: str, clipping: str, rank: int, mesh: object, nested: tuple[str, ...] = ()
+) -> dict[str, object]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -150,6 +153,8 @@ def _case(kind: str, engine_name: str, clipping: str, rank: int, mesh: object) -
 
     model, x, y = _build(kind)
     ref = copy.deepcopy(model)
+    for name in nested:  # sharded units inside the top-level ones
+        fully_shard(model.get_submodule(name), mesh=mesh)
     for child in model.children():
         if any(True for _ in child.parameters()):
             fully_shard(child, mesh=mesh)
@@ -193,6 +198,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         from lightning_dp.engine import register_broadcast_parameters
+        from lightning_dp.engine.fallback import UnitRule, register_unit_rule
 
         register_broadcast_parameters(TokenNet, "cls_token")
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -204,6 +210,15 @@ def _worker(rank: int, port: int, out: str) -> None:
                         results[f"{kind}/{engine}/{clipping}"] = _case(kind, engine, clipping, rank, mesh)
                     except Exception as err:  # noqa: BLE001 - reported to the test, which fails with it
                         results[f"{kind}/{engine}/{clipping}"] = {"error": f"{type(err).__name__}: {err}"}
+        # a unit found in the forward whose layer (sharded on its own) was all-gathered and freed before: an error
+        # naming the fix, and with the fix (its type a unit from the start) the clipped sum is right
+        try:
+            _case("unit", "ghost", "flat", rank, mesh, nested=("fold.norm",))
+            results["nested/unregistered"] = {"error": None}
+        except Exception as err:  # noqa: BLE001 - the error the test expects
+            results["nested/unregistered"] = {"error": f"{type(err).__name__}: {err}"}
+        register_unit_rule(Fold)(UnitRule)
+        results["nested/registered"] = _case("unit", "ghost", "flat", rank, mesh, nested=("fold.norm",))
         Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
@@ -252,7 +267,7 @@ def test_sharded_clipped_sum_equals_brute_force(
             assert r["frozen"], r  # the model has a frozen block
         covered = {
             "ops": ["odd.w"],
-            "unit": ["rnn.weight_hh_l0", "attn.in_proj_weight", "fold.w", "fold.proj.weight"],
+            "unit": ["rnn.weight_hh_l0", "attn.in_proj_weight", "fold.w", "fold.proj.weight", "fold.norm.weight"],
             "broadcast": ["cls_token"],
         }[kind]
         assert set(covered) <= set(r["keys"]), (rank, r)
@@ -260,3 +275,20 @@ def test_sharded_clipped_sum_equals_brute_force(
             assert r["methods"]["attn"] == "unit:native", (rank, r)
             assert r["methods"]["rnn"].startswith("unit:"), (rank, r)
             assert r["methods"]["fold"].startswith("unit:"), (rank, r)
+
+
+def test_sharded_unit_found_too_late_is_an_error_naming_the_fix(
+    sharded_results: list[dict[str, dict[str, object]]],
+) -> None:
+    """A module found to fold the batch in its forward, whose layer is a ``fully_shard`` unit of its own (its
+    all-gathered parameters freed before the module's forward ends), cannot be recomputed: a clear error that names
+    the module and the fix; with the fix (its type registered as a unit) the clipped sum equals the per-example loop.
+    """
+    for rank, results in enumerate(sharded_results):
+        error = results["nested/unregistered"]["error"]
+        assert error is not None and error.startswith("DPMisconfigurationError"), (rank, error)
+        assert "'fold' (Fold)" in error and "norm.weight" in error, error
+        assert "register_unit_rule(Fold)" in error, error
+        fixed = results["nested/registered"]
+        assert fixed["max_err"] < 1e-5, (rank, fixed)
+        assert fixed["methods"]["fold"].startswith("unit:"), (rank, fixed)

@@ -106,16 +106,13 @@ class OpDispatcher:
                 all_constant = False
         if not tracked:
             if other is not None and cap.discover:  # a layer on a folded batch: an enclosing module may become a unit
-                for key, x in live:  # whose recomputation needs its parameters' values as the forward used them
-                    cap.keep_value(key, x)
+                _keep(cap, live)  # whose recomputation needs its parameters' values as the forward used them
             out = func(*args, **kwargs)
             if all_constant:
                 for y in tree_flatten(out)[0]:
                     if isinstance(y, Tensor):
                         self._static[id(y)] = y
             return out
-        for key, x in live:  # recomputed later: keep their values (a rekeying layout frees the forward's copies)
-            cap.keep_value(key, x)
         in_place = is_in_place(func, kwargs)
         first_batched = bool(roles) and roles[0][0] == "batched"
         if other is not None or (in_place and not first_batched):
@@ -129,10 +126,15 @@ class OpDispatcher:
                     " torch.optim.AdamW(params, weight_decay=...)"
                 )
             cap.fold(top, f"'{op_name(func)}' combines a parameter with {what} ({hint})")
+            _keep(cap, live)  # the enclosing module may become a unit
             return out
         if batched:
+            _keep(cap, live)  # recorded (recomputed later) or folded (a unit later)
             return self._combine(cap, func, args, kwargs, spec, roles, top, in_place)
-        return self._derive(cap, func, args, kwargs, spec, roles)
+        out = self._derive(cap, func, args, kwargs, spec, roles)
+        if any(isinstance(y, Tensor) for y in tree_flatten(out)[0]):  # not a getter (``p.requires_grad``)
+            _keep(cap, live)
+        return out
 
     def _derive(
         self, cap: Capture, func: Any, args: tuple, kwargs: dict, spec: Any, roles: list[tuple[str, Any]]
@@ -234,6 +236,14 @@ class OpDispatcher:
                         f" '{plan.name_of(module)}'): its per-sample gradients there are computed with torch.func at"
                         " that op.",
                     )
+
+
+def _keep(cap: Capture, live: list[tuple[nn.Parameter, Tensor]]) -> None:
+    """Under a rekeying layout, keep the values of the trained parameters a call used (the forward's copies are freed
+    before the per-example recomputation).
+    """
+    for key, x in live:
+        cap.keep_value(key, x)
 
 
 def _kept(cap: Capture, x: Any) -> Any:

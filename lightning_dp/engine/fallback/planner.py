@@ -144,6 +144,8 @@ class FunctionalFallback:
         for m in self.model.modules():
             self._handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+            if self.plan.layout.rekeys:  # first of all post-hooks: before FSDP2's frees the all-gathered parameters
+                self._handles.append(m.register_forward_hook(self._keep_folded_values, prepend=True))
 
     def detach(self) -> None:
         """Remove the hooks."""
@@ -211,6 +213,18 @@ class FunctionalFallback:
             if key is not p:
                 cap.keep_value(key, p)
 
+    def _keep_folded_values(self, mod: nn.Module, args: tuple, output: Any) -> None:
+        """Under a rekeying layout, at the end of a module's forward that folded the examples on a checked
+        micro-batch (it or an enclosing module becomes a unit in :meth:`_post`): keep the values of its parameters,
+        while the layout's copies still hold them.
+        """
+        cap = self._capture
+        if cap is None or not cap.active or not cap.discover or cap.values is None or not cap.frames:
+            return
+        frame = cap.frames[-1]
+        if frame.module is mod and frame.fold is not None and not frame.in_unit:
+            self._keep_unit_values(cap, mod)
+
     def _unit_values(self, cap: Capture, m: nn.Module) -> dict[str, Tensor]:
         """Under a rekeying layout, the values of all of unit ``m``'s parameters (trained or not) as its forward used
         them, by name relative to ``m``.
@@ -228,12 +242,13 @@ class FunctionalFallback:
                 value = key.detach()  # whole on this rank (outside any fully_shard unit): read as it is
             if value is None:
                 name = self.plan.name_of(m)
+                cls = next((c for c in type(m).__mro__ if "forward" in vars(c)), type(m)).__name__
                 raise DPMisconfigurationError(
-                    f"'{name}' ({type(m).__name__}) is recomputed per example as one unit, but under a sharded"
-                    f" layout (FSDP2) the value of its parameter '{n}' was not kept during its forward: the module"
-                    " became a unit only after its forward had run (the batch is folded inside it), when FSDP2 had"
-                    " freed the all-gathered parameters. Make its type a unit from the start, e.g."
-                    f" lightning_dp.engine.register_unit_rule({type(m).__name__})(lightning_dp.engine.UnitRule)."
+                    f"'{name}' ({cls}) is recomputed per example as one unit, but under a sharded layout (FSDP2) the"
+                    f" value of its parameter '{n}' was not kept during its forward: the module became a unit only"
+                    " after its forward had run (the batch is folded inside it), when FSDP2 had freed the"
+                    " all-gathered parameters. Make its type a unit from the start, e.g."
+                    f" lightning_dp.engine.fallback.register_unit_rule({cls})(lightning_dp.engine.fallback.UnitRule)."
                 )
             values[n] = value
         return values
