@@ -132,7 +132,7 @@ class OpDispatcher:
             _keep(cap, live)  # recorded (recomputed later) or folded (a unit later)
             return self._combine(cap, func, args, kwargs, spec, roles, top, in_place)
         out = self._derive(cap, func, args, kwargs, spec, roles)
-        if any(isinstance(y, Tensor) for y in tree_flatten(out)[0]):  # not a getter (``p.requires_grad``)
+        if cap.values is not None and any(isinstance(y, Tensor) for y in tree_flatten(out)[0]):  # not a getter
             _keep(cap, live)
         return out
 
