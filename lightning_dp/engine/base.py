@@ -150,14 +150,8 @@ class ClippingEngine(ABC):
         self._plan()
         broadcast = [p for *_, p in self._broadcast]
         self.per_layer = PerLayerClipper(module, self.params, broadcast, self.param_names, type(self).__name__)
-        # ---- any-model: the torch.func fallback for what the engine's layer rules do not cover
-        self._fallback = FunctionalFallback(
-            module,
-            self.params,
-            self.layer_names,
-            broadcast,
-            self.param_names,
-            type(self).__name__,
+        self._fallback = FunctionalFallback(  # any-model: torch.func for what the engine's layer rules do not cover
+            module, self.params, self.layer_names, broadcast, self.param_names, type(self).__name__, self.layout
         )
 
     # ------------------------------------------------------------------ what a subclass provides
@@ -327,7 +321,7 @@ class ClippingEngine(ABC):
         self._fallback.start(batch_size, discover=self.check_against_autograd)  # any-model
         self._capturing = True
         try:
-            with per_sample_broadcast(self._broadcast, batch_size, broadcast_grads):
+            with per_sample_broadcast(self._broadcast, batch_size, broadcast_grads, in_forward=self.layout.rekeys):
                 yield
         finally:
             self._capturing = False

@@ -151,7 +151,10 @@ def bound_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
 
 @contextmanager
 def per_sample_broadcast(
-    broadcast: list[BroadcastParameter], batch_size: int, grads: dict[nn.Parameter, Tensor]
+    broadcast: list[BroadcastParameter],
+    batch_size: int,
+    grads: dict[nn.Parameter, Tensor],
+    in_forward: bool = False,
 ) -> Iterator[None]:
     """Substitute a per-sample copy ``(batch_size, ...)`` for each broadcast parameter while inside.
 
@@ -162,7 +165,14 @@ def per_sample_broadcast(
         broadcast: the broadcast parameters (from :func:`plan_layers`).
         batch_size: the number of examples of the micro-batch.
         grads: filled with the per-sample gradients on exit.
+        in_forward: substitute in a forward pre-hook of the owning module, from the value the module holds then,
+            instead of once on entry: under FSDP2 (a rekeying :mod:`~lightning_dp.engine.layout`) the module's
+            pre-forward puts the all-gathered parameter in place of whatever was there.
     """
+    if in_forward:
+        with _per_sample_broadcast_in_forward(broadcast, batch_size, grads):
+            yield
+        return
     expanded: list[tuple[nn.Module, str, nn.Parameter, Tensor]] = []
     for _, mod, name, p in broadcast:
         e = p.detach().expand(batch_size, *p.shape[1:]).clone().requires_grad_(True)
@@ -173,6 +183,41 @@ def per_sample_broadcast(
     finally:
         for mod, name, p, e in expanded:
             mod._parameters[name] = p
+            if e.grad is not None:
+                grads[p] = e.grad.float().reshape(batch_size, *p.shape)
+
+
+@contextmanager
+def _per_sample_broadcast_in_forward(
+    broadcast: list[BroadcastParameter], batch_size: int, grads: dict[nn.Parameter, Tensor]
+) -> Iterator[None]:
+    """:func:`per_sample_broadcast` from forward pre-hooks (registered after FSDP2's own, which it therefore follows):
+    one per-sample copy per parameter and micro-batch, made from the module's value at its first call.
+    """
+    copies: dict[int, tuple[Tensor, Tensor]] = {}  # per parameter: its copy, and the object it replaced
+    handles = []
+    for k, (_, mod, name, p) in enumerate(broadcast):
+
+        def substitute(module: nn.Module, args: Any, k: int = k, name: str = name, p: nn.Parameter = p) -> None:
+            live = module._parameters[name]
+            assert live is not None
+            if k not in copies:
+                e = live.detach().expand(batch_size, *p.shape[1:]).clone().requires_grad_(True)
+                copies[k] = (e, live)
+            module._parameters[name] = copies[k][0]  # type: ignore[assignment]  # FSDP2's post-forward puts its own back
+
+        handles.append(mod.register_forward_pre_hook(substitute))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for k, (_, mod, name, p) in enumerate(broadcast):
+            if k not in copies:
+                continue
+            e, replaced = copies[k]
+            if mod._parameters[name] is e:
+                mod._parameters[name] = replaced  # type: ignore[assignment]
             if e.grad is not None:
                 grads[p] = e.grad.float().reshape(batch_size, *p.shape)
 

@@ -53,6 +53,12 @@ class Capture:
     #: on a checked micro-batch, the layer calls an engine rule captured: (args, kwargs, output gradient holder)
     native_calls: dict[nn.Module, list[tuple[tuple, dict, dict[int, Tensor]]]] = field(default_factory=dict)
     inplace: list[str] = field(default_factory=list)  #: in-place traced ops (they can hide a tensor from its hooks)
+    #: the trained parameter (the optimizer's) that a parameter read from a layer stands for (see
+    #: :mod:`lightning_dp.engine.layout`; the identity unless the layout rekeys)
+    canonical: Callable[[Tensor], nn.Parameter] | None = None
+    #: under a rekeying layout, per parameter (canonical), its value as the forward used it (see :meth:`keep_value`);
+    #: None: parameters are read at compute time, where they are whole and unchanged since the forward
+    values: dict[nn.Parameter, Tensor] | None = None
 
     def fold(self, frame: Frame | None, reason: str) -> None:
         """Mark ``frame``'s module (or, outside every module, the whole forward) as folding the examples."""
@@ -66,8 +72,26 @@ class Capture:
         return tuple(f.module for f in self.frames)
 
     def model_tensor(self, x: Tensor) -> bool:
-        """A parameter or buffer of the model (never batched, whatever its shape)."""
-        return id(x) in self.constants
+        """A parameter or buffer of the model (never batched, whatever its shape), also as another object that stands
+        for a parameter (FSDP2's unsharded parameter).
+        """
+        if id(x) in self.constants:
+            return True
+        return self.canonical is not None and isinstance(x, nn.Parameter) and id(self.canonical(x)) in self.constants
+
+    def key_of(self, p: nn.Parameter) -> nn.Parameter:
+        """The trained parameter that ``p``, read from a layer now, stands for."""
+        return p if self.canonical is None else self.canonical(p)
+
+    def keep_value(self, key: nn.Parameter, live: Tensor) -> None:
+        """Under a rekeying layout, keep a copy of the value of parameter ``key`` as the forward reads it (``live``,
+        e.g. FSDP2's unsharded parameter, whose storage is freed once its module's forward or backward is over). Kept
+        once per micro-batch (no optimizer step happens inside one); nothing is kept when ``live`` is ``key`` itself
+        (a parameter outside any sharded unit is read as it is when needed).
+        """
+        if self.values is None or live is key or key in self.values:
+            return
+        self.values[key] = live.detach().clone()
 
 
 def grad_hook(store: dict[int, Tensor], i: int) -> Callable[[Tensor], None]:

@@ -6,11 +6,12 @@ See :mod:`lightning_dp.engine.fallback.planner` for the whole picture.
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_dp.console import notice
 from lightning_dp.engine.contributions import Contribution
 from lightning_dp.engine.fallback.units import UnitRule, unit_rule_for
+from lightning_dp.engine.layout import LocalLayout, ParameterLayout
 
 #: how many names an announcement lists before "and N more"
 LISTED = 8
@@ -26,12 +27,16 @@ class FallbackPlan:
         broadcast: the engine's broadcast parameters.
         param_names: parameter names for messages.
         engine_name: for announcements.
+        layout: where the trained parameters live (default: :class:`~lightning_dp.engine.layout.LocalLayout`); under
+            a rekeying layout (FSDP2) a layer's parameter during forward and backward is another object than the
+            trained one, and :meth:`key_of` maps it back.
 
     Attributes:
         units: per unit module, the rule that recomputes it per example.
         regions: the modules whose forward is traced op by op (None: the whole forward).
         native: the layers the engine hooks with a rule.
         owner: per parameter, the module that owns it.
+        layout: the engine's parameter layout.
     """
 
     def __init__(
@@ -42,8 +47,10 @@ class FallbackPlan:
         broadcast: list[nn.Parameter],
         param_names: dict[nn.Parameter, str],
         engine_name: str,
+        layout: ParameterLayout | None = None,
     ) -> None:
         self.model = module
+        self.layout: ParameterLayout = layout if layout is not None else LocalLayout()
         self.trainable = set(params)
         self.param_names = param_names
         self.engine_name = engine_name
@@ -69,9 +76,19 @@ class FallbackPlan:
             self.regions.add(self.owner[p])
         self._announce_plan(leftover)
 
+    def key_of(self, p: Tensor) -> nn.Parameter:
+        """The trained parameter that ``p`` (read from a layer, now) stands for: ``p`` itself unless the layout
+        rekeys.
+        """
+        return self.layout.canonical(p) if self.layout.rekeys else p  # type: ignore[return-value]
+
+    def is_trained(self, x: object) -> bool:
+        """Whether ``x`` is a trained parameter, or stands for one (FSDP2's unsharded parameter in a forward)."""
+        return isinstance(x, nn.Parameter) and self.key_of(x) in self.trainable
+
     def trained_in(self, m: nn.Module) -> bool:
         """Whether ``m`` (or a submodule) holds a trained parameter."""
-        return any(p in self.trainable for p in m.parameters())
+        return any(self.is_trained(p) for p in m.parameters())
 
     def name_of(self, m: nn.Module | None) -> str:
         """``m``'s path in the model (for messages)."""
@@ -92,7 +109,7 @@ class FallbackPlan:
         inside = [u for u in self.units if is_within(self.module_names[u], name)]
         for u in inside:
             del self.units[u]
-        params = {n: p for n, p in m.named_parameters() if p in self.trainable}
+        params = {n: self.key_of(p) for n, p in m.named_parameters() if self.is_trained(p)}
         cls = unit_rule_for(m) or UnitRule
         self.units[m] = cls(m, params)
         self._unit_names = [self.module_names[u] for u in self.units]
@@ -102,7 +119,8 @@ class FallbackPlan:
         """Whether an engine group's parameters all belong to modules inside units (the unit's per-sample gradients
         replace the group's).
         """
-        return bool(group.params) and all(self.inside_unit(self.owner[p]) for p in group.params if p in self.owner)
+        keys = [self.key_of(p) for p in group.params]
+        return bool(keys) and all(self.inside_unit(self.owner[p]) for p in keys if p in self.owner)
 
     def fallback_params(self) -> set[nn.Parameter]:
         """The trained parameters the fallback computes per-sample gradients for (as planned so far)."""
@@ -110,7 +128,7 @@ class FallbackPlan:
         for r in self.regions:
             mods = [self.model] if r is None else [r]
             for m in mods:
-                out |= {p for p in m._parameters.values() if p is not None and p in self.trainable}
+                out |= {self.key_of(p) for p in m._parameters.values() if p is not None and self.is_trained(p)}
         return out
 
     def announce(self, key: str, message: str) -> None:

@@ -43,7 +43,15 @@ class OpDispatcher:
 
     def constant(self, cap: Capture, x: Tensor) -> bool:
         """A parameter or buffer of the model, or a tensor computed from constants only."""
-        return id(x) in cap.constants or self._static.get(id(x)) is x
+        return cap.model_tensor(x) or self._static.get(id(x)) is x
+
+    def _layout_own(self, cap: Capture, x: Tensor) -> bool:
+        """Under a rekeying layout, a trained parameter that the forward's layers see as another object (FSDP2's
+        sharded parameter): a call on it itself is the layout's own work (its all-gather), not a use by the model.
+        """
+        if cap.canonical is None or not isinstance(x, nn.Parameter):
+            return False
+        return cap.key_of(x) is x and bool(self.plan.layout.aliases(x))
 
     def on_call(self, cap: Capture, func: Any, args: tuple, kwargs: dict) -> Any:
         """Run one torch function call of a tracing region, recording what the per-sample gradients need."""
@@ -60,24 +68,30 @@ class OpDispatcher:
         tracked = batched = False
         other: Tensor | None = None
         all_constant = True
+        live: list[tuple[nn.Parameter, Tensor]] = []  # (trained parameter, the object the forward uses for it)
         for x in flat:
             if not isinstance(x, Tensor):
                 roles.append(("const", x))
                 continue
             entry = cap.derived.get(id(x))
-            if entry is not None and entry[0] is x:
+            if entry is not None and entry[0] is x and not (cap.canonical is not None and self.plan.is_trained(x)):
+                # (under a rekeying layout a trained parameter's stand-in is a leaf, however the layout made it)
                 roles.append(("derived", entry[1]))
                 tracked = True
                 all_constant = False
-            elif isinstance(x, nn.Parameter) and x in self.plan.trainable:
+            elif self._layout_own(cap, x):
+                roles.append(("const", x))
+            elif self.plan.is_trained(x):
+                key = cap.key_of(x)  # type: ignore[arg-type] # the trained parameter x stands for (FSDP2: unsharded)
                 if cap.discover:
-                    cap.uses.setdefault(x, set()).add(self.plan.name_of(top.module if top is not None else None))
+                    cap.uses.setdefault(key, set()).add(self.plan.name_of(top.module if top is not None else None))
                 native = (
                     top is not None
                     and top.module in self.plan.native
                     and any(x is q for q in top.module._parameters.values())
                 )
-                roles.append(("native" if native else "leaf", x))
+                live.append((key, x))
+                roles.append(("native" if native else "leaf", key))
                 tracked |= not native
                 all_constant = False
             elif self.constant(cap, x):
@@ -91,6 +105,8 @@ class OpDispatcher:
                 other = other if other is not None else x
                 all_constant = False
         if not tracked:
+            if other is not None and cap.discover:  # a layer on a folded batch: an enclosing module may become a unit
+                _keep(cap, live)  # whose recomputation needs its parameters' values as the forward used them
             out = func(*args, **kwargs)
             if all_constant:
                 for y in tree_flatten(out)[0]:
@@ -110,15 +126,20 @@ class OpDispatcher:
                     " torch.optim.AdamW(params, weight_decay=...)"
                 )
             cap.fold(top, f"'{op_name(func)}' combines a parameter with {what} ({hint})")
+            _keep(cap, live)  # the enclosing module may become a unit
             return out
         if batched:
+            _keep(cap, live)  # recorded (recomputed later) or folded (a unit later)
             return self._combine(cap, func, args, kwargs, spec, roles, top, in_place)
-        return self._derive(cap, func, args, kwargs, spec, roles)
+        out = self._derive(cap, func, args, kwargs, spec, roles)
+        if cap.values is not None and any(isinstance(y, Tensor) for y in tree_flatten(out)[0]):  # not a getter
+            _keep(cap, live)
+        return out
 
     def _derive(
         self, cap: Capture, func: Any, args: tuple, kwargs: dict, spec: Any, roles: list[tuple[str, Any]]
     ) -> Any:
-        items = [("leaf", x) if kind in ("leaf", "native") else (kind, x) for kind, x in roles]
+        items = [("leaf", x) if kind in ("leaf", "native") else (kind, _kept(cap, x)) for kind, x in roles]
         out = func(*args, **kwargs)
         out_flat = tree_flatten(out)[0]
         origins = [x.origin for kind, x in roles if kind == "derived"]
@@ -161,8 +182,10 @@ class OpDispatcher:
                 batched.append(x.detach().clone() if in_place else x.detach())
             elif kind in ("leaf", "derived"):
                 items.append((kind, x))
+            elif kind == "native" and cap.values is not None:  # its value as the forward used it
+                items.append(("const", cap.values.get(x, x)))
             else:  # constants, non-tensors, and parameters of a layer whose own rule covers this call
-                items.append(("const", x))
+                items.append(("const", _kept(cap, x)))
         state = ForwardState.record(batched)
         out = func(*args, **kwargs)
         if in_place:
@@ -177,7 +200,9 @@ class OpDispatcher:
         module = top.module if top is not None else None
         leaves = [k for k, _ in tensors]
         where = self.plan.name_of(module)
-        record = OpRecord(func, spec, items, batched, params, where, leaves, state=state, module=module)
+        record = OpRecord(
+            func, spec, items, batched, params, where, leaves, state=state, module=module, values=cap.values
+        )
         for k, y in tensors:
             record.fingerprints[k] = Fingerprint.of(y, 0)
             record.outputs[k] = (y.shape, y.dtype, y.device)
@@ -211,6 +236,27 @@ class OpDispatcher:
                         f" '{plan.name_of(module)}'): its per-sample gradients there are computed with torch.func at"
                         " that op.",
                     )
+
+
+def _keep(cap: Capture, live: list[tuple[nn.Parameter, Tensor]]) -> None:
+    """Under a rekeying layout, keep the values of the trained parameters a call used (the forward's copies are freed
+    before the per-example recomputation).
+    """
+    for key, x in live:
+        cap.keep_value(key, x)
+
+
+def _kept(cap: Capture, x: Any) -> Any:
+    """``x``, or under a rekeying layout, for a parameter that stands for another (a frozen one, unsharded by
+    FSDP2), its value kept now (the forward's copy is freed before the per-example recomputation).
+    """
+    if cap.values is None or not isinstance(x, nn.Parameter):
+        return x
+    key = cap.key_of(x)
+    if key is x:
+        return x
+    cap.keep_value(key, x)
+    return cap.values[key]
 
 
 __all__ = ["OpDispatcher"]

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
 from lightning_dp.engine.fallback.per_example import ForwardState, forward_hooks_suppressed
-from lightning_dp.engine.fallback.units import UnitCall, UnitRule, register_unit_rule
+from lightning_dp.engine.fallback.units import UnitCall, UnitRule, _pre_hooks_suppressed, register_unit_rule
 
 
 class _NotNative(Exception):
@@ -99,14 +99,20 @@ class MultiheadAttentionRule(UnitRule):
         return out
 
     def _native(self, call: UnitCall, b: int) -> tuple[dict[nn.Parameter, Tensor], dict[int, Tensor]]:
-        trained = {id(p): p for p in self.params.values()}
-        if not trained or call.param_inputs:
+        if not self.params or call.param_inputs:
             raise _NotNative("no trained weight, or parameters given as inputs")
+        # the tensors the recomputation uses, by id, and the trained parameter each stands for
+        used = self._used_values(call)
+        trained = {id(used.get(n, p)): p for n, p in self.params.items()}
         state = call.state or ForwardState.record()
         args, kwargs = tree_unflatten(list(call.inputs), call.spec)
         with state.replayed(), torch.enable_grad(), forward_hooks_suppressed(self.module):
             with _projections_recorded(set(trained)) as projections:
-                out = self.module(*args, **kwargs)
+                if used:  # a rekeying layout: the values the forward used, not the module's (sharded) parameters
+                    with _pre_hooks_suppressed(self.module, True):
+                        out = torch.func.functional_call(self.module, used, tuple(args), kwargs, strict=False)
+                else:
+                    out = self.module(*args, **kwargs)
         flat = tree_flatten(out)[0]
         leaves = [i for i, d in enumerate(call.out_dims) if d is not None]
         outs = [flat[i] for i in leaves]
@@ -127,8 +133,16 @@ class MultiheadAttentionRule(UnitRule):
             if bias is not None and _root(bias) in trained:
                 self._add(per, bias, gs.sum(0), trained)
         if not self._verified:
-            self._verify(per, outs, cotangents, list(trained.values()))
+            self._verify(per, outs, cotangents, list(self.params.values()), used)
         return per, {i: o.detach() for i, o in zip(leaves, outs)}
+
+    def _used_values(self, call: UnitCall) -> dict[str, Tensor]:
+        """Under a rekeying layout, every parameter's value as the forward used it (trained ones as leaves that
+        require grad, for :meth:`_verify`); empty otherwise (the module's own parameters are used).
+        """
+        if call.values is None:
+            return {}
+        return {n: v.detach().requires_grad_(n in self.params) for n, v in call.values.items()}
 
     @staticmethod
     def _add(per: dict[nn.Parameter, Tensor], used: Tensor, value: Tensor, trained: dict[int, nn.Parameter]) -> None:
@@ -136,19 +150,27 @@ class MultiheadAttentionRule(UnitRule):
         p = trained.get(_root(used))
         if p is None:
             return
-        if used is not p and used._base is not None:
+        if used._base is not None:  # a slice of rows of the parameter (or of the value standing for it)
             full = torch.zeros(value.shape[0], *p.shape, device=value.device, dtype=value.dtype)
-            start = _rows(used, p)
+            start = _rows(used, used._base)
             full[:, start : start + used.shape[0]] = value
             value = full
         prev = per.get(p)
         per[p] = value if prev is None else prev + value
 
     def _verify(
-        self, per: dict[nn.Parameter, Tensor], outs: list[Tensor], cotangents: list[Tensor], params: list[nn.Parameter]
+        self,
+        per: dict[nn.Parameter, Tensor],
+        outs: list[Tensor],
+        cotangents: list[Tensor],
+        params: list[nn.Parameter],
+        used: dict[str, Tensor],
     ) -> None:
-        """The per-sample gradients of the first call must add up to autograd's gradients of the recomputation."""
-        reference = torch.autograd.grad(outs, params, cotangents, allow_unused=True)
+        """The per-sample gradients of the first call must add up to autograd's gradients of the recomputation (with
+        respect to the tensors it used: ``used``'s values under a rekeying layout, else the parameters).
+        """
+        inputs = [used[n] for n in self.params] if used else params
+        reference = torch.autograd.grad(outs, inputs, cotangents, allow_unused=True)
         for p, ref in zip(params, reference):
             total = per[p].sum(0) if p in per else torch.zeros_like(p, dtype=torch.float32)
             ref = torch.zeros_like(total) if ref is None else ref.float()

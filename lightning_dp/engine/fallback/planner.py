@@ -46,6 +46,8 @@ from lightning_dp.engine.fallback.discovery import FallbackPlan, is_within
 from lightning_dp.engine.fallback.dispatch import OpDispatcher
 from lightning_dp.engine.fallback.per_example import Fingerprint, ForwardState
 from lightning_dp.engine.fallback.units import UnitCall, UnitRule, batch_dims_of, input_names
+from lightning_dp.engine.layout import ParameterLayout
+from lightning_dp.errors import DPMisconfigurationError
 
 
 class _TracingMode(TorchFunctionMode):
@@ -75,6 +77,10 @@ class FunctionalFallback:
         broadcast: the engine's broadcast parameters.
         param_names: parameter names for messages.
         engine_name: for announcements.
+        layout: where the trained parameters live (default: one process, every tensor whole). Under a layout that
+            rekeys (FSDP2), the fallback knows a parameter read from a layer by the trained parameter it stands for,
+            and keeps the values that the forward used for the per-example recomputation (the forward's copies are
+            freed when their module's forward and backward end).
 
     Attributes:
         plan: the units and tracing regions (:class:`~lightning_dp.engine.fallback.discovery.FallbackPlan`).
@@ -91,9 +97,10 @@ class FunctionalFallback:
         broadcast: list[nn.Parameter],
         param_names: dict[nn.Parameter, str],
         engine_name: str,
+        layout: ParameterLayout | None = None,
     ) -> None:
         self.model = module
-        self.plan = FallbackPlan(module, params, native, broadcast, param_names, engine_name)
+        self.plan = FallbackPlan(module, params, native, broadcast, param_names, engine_name, layout)
         self._dispatch = OpDispatcher(self.plan)
         self._handles: list[RemovableHandle] = []
         self._mode = _TracingMode(self)
@@ -137,6 +144,8 @@ class FunctionalFallback:
         for m in self.model.modules():
             self._handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+            if self.plan.layout.rekeys:  # first of all post-hooks: before FSDP2's frees the all-gathered parameters
+                self._handles.append(m.register_forward_hook(self._keep_folded_values, prepend=True))
 
     def detach(self) -> None:
         """Remove the hooks."""
@@ -156,6 +165,8 @@ class FunctionalFallback:
             state = ForwardState.record([x for x in tree_flatten((args, kwargs))[0] if isinstance(x, Tensor)])
         frame = Frame(mod, args, kwargs, in_unit or is_unit, is_unit, state)
         cap.frames.append(frame)
+        if frame.in_unit and cap.values is not None:
+            self._keep_unit_values(cap, mod)
         for device_type in ("cuda", "cpu"):
             if torch.is_autocast_enabled(device_type):
                 cap.dtypes.add(torch.get_autocast_dtype(device_type))
@@ -192,11 +203,63 @@ class FunctionalFallback:
                 cap.unresolved = frame.fold
         return None
 
+    def _keep_unit_values(self, cap: Capture, mod: nn.Module) -> None:
+        """Under a rekeying layout, in the pre-forward of a module inside a unit: keep the values of the parameters
+        that the forward reads now as other objects (FSDP2's unsharded parameters; the module's own, and those of
+        its submodules in the same ``fully_shard`` group), for the unit's recomputation after the backward.
+        """
+        for p in mod.parameters():
+            key = self.plan.key_of(p)
+            if key is not p:
+                cap.keep_value(key, p)
+
+    def _keep_folded_values(self, mod: nn.Module, args: tuple, output: Any) -> None:
+        """Under a rekeying layout, at the end of a module's forward that folded the examples on a checked
+        micro-batch (it or an enclosing module becomes a unit in :meth:`_post`): keep the values of its parameters,
+        while the layout's copies still hold them.
+        """
+        cap = self._capture
+        if cap is None or not cap.active or not cap.discover or cap.values is None or not cap.frames:
+            return
+        frame = cap.frames[-1]
+        if frame.module is mod and frame.fold is not None and not frame.in_unit:
+            self._keep_unit_values(cap, mod)
+
+    def _unit_values(self, cap: Capture, m: nn.Module) -> dict[str, Tensor]:
+        """Under a rekeying layout, the values of all of unit ``m``'s parameters (trained or not) as its forward used
+        them, by name relative to ``m``.
+
+        Raises:
+            DPMisconfigurationError: for a parameter whose value was not kept (the module became a unit only after
+                its forward had run).
+        """
+        assert cap.values is not None
+        values: dict[str, Tensor] = {}
+        for n, p in m.named_parameters():
+            key = self.plan.key_of(p)
+            value = cap.values.get(key)
+            if value is None and not self.plan.layout.aliases(key):
+                value = key.detach()  # whole on this rank (outside any fully_shard unit): read as it is
+            if value is None:
+                name = self.plan.name_of(m)
+                cls = next((c for c in type(m).__mro__ if "forward" in vars(c)), type(m)).__name__
+                raise DPMisconfigurationError(
+                    f"'{name}' ({cls}) is recomputed per example as one unit, but under a sharded layout (FSDP2) the"
+                    f" value of its parameter '{n}' was not kept during its forward: the module became a unit only"
+                    " after its forward had run (the batch is folded inside it), when FSDP2 had freed the"
+                    " all-gathered parameters. Make its type a unit from the start, e.g."
+                    f" lightning_dp.engine.fallback.register_unit_rule({cls})(lightning_dp.engine.fallback.UnitRule)."
+                )
+            values[n] = value
+        return values
+
     # ------------------------------------------------------------------ capture
     def start(self, batch_size: int, discover: bool) -> None:
         """Begin capturing a micro-batch (``discover``: watch every op of the forward)."""
         self.attach()
         cap = Capture(batch_size, discover)
+        if self.plan.layout.rekeys:
+            cap.canonical, cap.values = self.plan.layout.canonical, {}
         for t in (*self.model.parameters(), *self.model.buffers()):
             cap.constants.add(id(t))
         cap.dtypes = {p.dtype for p in self.plan.trainable}
@@ -285,8 +348,7 @@ class FunctionalFallback:
         cap = self._capture
         assert cap is not None
         if not self.plan.trained_in(frame.module) and not any(
-            isinstance(x, nn.Parameter) and x in self.plan.trainable
-            for x in tree_flatten((frame.args, frame.kwargs))[0]
+            self.plan.is_trained(x) for x in tree_flatten((frame.args, frame.kwargs))[0]
         ):
             return False
         flat_in = tree_flatten((frame.args, frame.kwargs))[0]
@@ -303,7 +365,7 @@ class FunctionalFallback:
             entry = cap.derived.get(id(x))
             if entry is not None and entry[0] is x:
                 return False
-            if not (self._dispatch.constant(cap, x) or (isinstance(x, nn.Parameter) and x in self.plan.trainable)):
+            if not (self._dispatch.constant(cap, x) or self.plan.is_trained(x)):
                 return False
         return True
 
@@ -338,12 +400,16 @@ class FunctionalFallback:
             return False
         in_dims, out_dims = dims
         param_inputs = {
-            i: x
-            for i, x in enumerate(flat_in)
-            if isinstance(x, nn.Parameter) and x in self.plan.trainable and in_dims[i] is None
+            i: self.plan.key_of(x) for i, x in enumerate(flat_in) if self.plan.is_trained(x) and in_dims[i] is None
         }
         inputs = [x.detach() if isinstance(x, Tensor) else x for x in flat_in]
-        call = UnitCall(spec, inputs, in_dims, param_inputs, out_spec, out_dims, state=frame.state)
+        values = None
+        if cap.values is not None:  # the forward's copies of parameters are freed before the recomputation
+            values = self._unit_values(cap, m)
+            for i, x in enumerate(flat_in):
+                if isinstance(x, nn.Parameter) and self.plan.key_of(x) is not x:
+                    inputs[i] = x.detach().clone()
+        call = UnitCall(spec, inputs, in_dims, param_inputs, out_spec, out_dims, state=frame.state, values=values)
         for i, (y, d) in enumerate(zip(flat_out, out_dims)):
             if d is None or not isinstance(y, Tensor):
                 continue

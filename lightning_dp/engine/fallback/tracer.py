@@ -175,6 +175,14 @@ class OpRecord:
     state: ForwardState | None = None
     module: nn.Module | None = None  #: the module whose forward made the call (None: outside any module)
     last_method: str = ""
+    #: the parameters' values as the forward used them (a rekeying layout, see :class:`Capture.keep_value
+    #: <lightning_dp.engine.fallback.capture.Capture>`); None: the parameters themselves, read now
+    values: dict[nn.Parameter, Tensor] | None = None
+
+    def value_of(self, p: nn.Parameter) -> Tensor:
+        """The value of trained parameter ``p`` that the forward used, detached (a new tensor object each call)."""
+        value = None if self.values is None else self.values.get(p)
+        return p.detach() if value is None else value.detach()
 
     def per_sample(self, b: int) -> tuple[dict[nn.Parameter, Tensor], dict[int, Tensor]]:
         """Per-sample gradients of :attr:`params` and the recomputed outputs (per output leaf, as a batch; none when
@@ -185,7 +193,7 @@ class OpRecord:
             self.last_method = "closed form"
             return closed, {}
         names = {p: f"p{k}" for k, p in enumerate(self.params)}
-        primals = {names[p]: p.detach() for p in self.params}
+        primals = {names[p]: self.value_of(p) for p in self.params}
         func = out_of_place(self.func)
         items, spec, leaves = self.items, self.spec, self.out_leaves
 
@@ -216,7 +224,7 @@ class OpRecord:
         if rule is None or len(self.out_leaves) != 1:
             return None
         # a tensor expanded to the batch is replayed with one row, broadcast along the batch as the rules expect
-        replay = Replay({p: p.detach() for p in self.params})
+        replay = Replay({p: self.value_of(p) for p in self.params})
         tracked: dict[int, tuple[str, Any, Tensor]] = {}
         flat: list[Any] = []
         for kind, v in self.items:
@@ -226,7 +234,7 @@ class OpRecord:
             if kind == "const":
                 flat.append(v)
                 continue
-            value = v.detach() if kind == "leaf" else replay.derived(v)
+            value = self.value_of(v) if kind == "leaf" else replay.derived(v)
             if id(value) in tracked:  # the same tensor twice: not a simple form
                 return None
             tracked[id(value)] = (kind, v, value)
@@ -255,7 +263,7 @@ class OpRecord:
                 r = Replay(dict(zip(params, ps)))
                 return tuple(r.derived(d) for d, _, _ in pulled)
 
-            _, vjp_fn = torch.func.vjp(recipe, *[p.detach() for p in params])
+            _, vjp_fn = torch.func.vjp(recipe, *[self.value_of(p) for p in params])
             cots_in = tuple(cot.reshape(b, *value.shape).to(value.dtype) for _, value, cot in pulled)
             grads = torch.func.vmap(vjp_fn)(cots_in)
             for p, g in zip(params, grads):

@@ -14,7 +14,8 @@ own way of computing per-sample gradients from the recorded calls (:func:`regist
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,6 +188,9 @@ class UnitCall:
         outputs: per batched output leaf, ``(shape, dtype, device)`` (a zero gradient for a leaf backward did not
             reach).
         state: the generators and autocast state before the call.
+        values: under a rekeying layout (FSDP2), every parameter of the unit (trained or not, by name relative to
+            the unit) as the forward used it; the recomputation then runs on these values, without the module's
+            forward pre-hooks (FSDP2's would all-gather again). None: the module's own parameters, read then.
     """
 
     spec: Any
@@ -199,6 +203,25 @@ class UnitCall:
     fingerprints: dict[int, Fingerprint] = field(default_factory=dict)
     outputs: dict[int, tuple[torch.Size, torch.dtype, torch.device]] = field(default_factory=dict)
     state: ForwardState | None = None
+    values: dict[str, Tensor] | None = None
+
+
+@contextmanager
+def _pre_hooks_suppressed(module: nn.Module, suppress: bool) -> Iterator[None]:
+    """Without the forward pre-hooks of ``module`` and its submodules if ``suppress`` (FSDP2's pre-forward would
+    all-gather the sharded parameters and put them back in place of the values given to ``functional_call``).
+    """
+    if not suppress:
+        yield
+        return
+    saved = [(m, m._forward_pre_hooks) for m in module.modules() if m._forward_pre_hooks]
+    for m, _ in saved:
+        m._forward_pre_hooks = type(m._forward_pre_hooks)()
+    try:
+        yield
+    finally:
+        for m, hooks in saved:
+            m._forward_pre_hooks = hooks
 
 
 class UnitRule:
@@ -222,10 +245,15 @@ class UnitRule:
         """Per-sample gradients of one call, and the recomputed outputs (per output leaf, as a batch) for the check
         against the call's fingerprints.
         """
-        primals: dict[str, Tensor] = {n: p.detach() for n, p in self.params.items()}
+        values = call.values
+        if values is None:
+            primals: dict[str, Tensor] = {n: p.detach() for n, p in self.params.items()}
+        else:
+            primals = {n: values[n] for n in self.params}
+        fixed = {} if values is None else {n: v for n, v in values.items() if n not in self.params}
         arg_names = {pos: f"<input {pos}>" for pos in call.param_inputs}
         for pos, p in call.param_inputs.items():
-            primals[arg_names[pos]] = p.detach()
+            primals[arg_names[pos]] = p.detach() if values is None else call.inputs[pos]
         batched = [BatchedArg(x, d) for x, d in zip(call.inputs, call.in_dims) if d is not None]
         batched_pos = [i for i, d in enumerate(call.in_dims) if d is not None]
         leaves = [i for i, d in enumerate(call.out_dims) if d is not None]
@@ -246,9 +274,9 @@ class UnitRule:
             for pos, name in arg_names.items():
                 flat[pos] = ps[name]
             args, kwargs = tree_unflatten(flat, call.spec)
-            with forward_hooks_suppressed(module):
+            with forward_hooks_suppressed(module), _pre_hooks_suppressed(module, values is not None):
                 out = torch.func.functional_call(
-                    module, {n: ps[n] for n in sub_names}, tuple(args), kwargs, strict=False
+                    module, {**fixed, **{n: ps[n] for n in sub_names}}, tuple(args), kwargs, strict=False
                 )
             out_flat, _ = tree_flatten(out)
             return tuple(out_flat[i] for i in leaves)
