@@ -17,7 +17,7 @@ from torch import nn
 from zoo_check import group_clipped_sum
 
 import lightning_dp.callbacks.adaptive_clipping as adaptive_module
-import lightning_dp.strategy as strategy_module
+import lightning_dp.private_training as strategy_module
 from lightning_dp import DPStrategy
 from lightning_dp.accounting import RDPAccountant, calibrate_noise_multiplier, compute_epsilon
 from lightning_dp.callbacks import AdaptiveClipping, GradNormHistogram, NormHistogram, quantile_update
