@@ -3,10 +3,12 @@ the environment a multi-node launch gives it (``NODE_RANK``, ``MASTER_ADDR``, ``
 ``LightningEnvironment`` and script launcher join the processes into one gloo group. Run without ``NODE_RANK`` and
 with NODES = 1 it is the single-process reference. Each process saves what it saw, and what it wrote to disk.
 
-Usage: python tests/multinode_script.py OUT_DIR STRATEGY MODE NODES
+Usage: python tests/multinode_script.py OUT_DIR STRATEGY MODE NODES [DEVICES]
 
-STRATEGY is a key of ``STRATEGIES`` ("dp"); MODE is "exact" (q = 1, negligible noise: a deterministic update) or
-"poisson" (q < 1 with fixed sampling and noise seeds, Adam).
+STRATEGY is a key of ``STRATEGIES`` ("dp" or "dp_model_parallel": FSDP2, the module shards itself in
+``configure_model`` and each checkpoint is a folder of per-rank shards plus rank 0's ``meta.pt``); MODE is "exact"
+(q = 1, negligible noise: a deterministic update) or "poisson" (q < 1 with fixed sampling and noise seeds, Adam).
+DEVICES (default 1) processes per node: ``1 2`` is one node with two processes, the same global ranks as ``2 1``.
 """
 
 import os
@@ -14,19 +16,21 @@ import sys
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import ClassifierModule, mlp  # noqa: E402
 
-from lightning_dp import DPStrategy  # noqa: E402
+from lightning_dp import DPModelParallelStrategy, DPStrategy  # noqa: E402
 from lightning_dp.journal import PrivacyJournal  # noqa: E402
 
-#: The strategies a node can run, by the name the test passes. A second strategy class (e.g. a model-parallel one,
-#: whose module builds its layers in ``configure_model``) is added here and to ``STRATEGIES`` in the test.
-STRATEGIES = {"dp": DPStrategy}
+#: The strategies a node can run, by the name the test passes (the test's ``STRATEGIES``).
+STRATEGIES = {"dp": DPStrategy, "dp_model_parallel": DPModelParallelStrategy}
 
 N = 40
 SAMPLING_SEED = 7
@@ -34,6 +38,16 @@ SAMPLING_SEED = 7
 
 class IndexedClassifier(ClassifierModule):
     """Batches are ``(x, y, index)``: the index says which examples a rank drew; the loss ignores it."""
+
+    def configure_model(self):
+        """Under ``DPModelParallelStrategy``: shard each layer with parameters, then the module (FSDP2)."""
+        if not isinstance(self.trainer.strategy, DPModelParallelStrategy):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if any(True for _ in layer.parameters(recurse=False)):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
 
     def training_step(self, batch, batch_idx):
         return super().training_step(batch[:2], batch_idx)
@@ -59,6 +73,28 @@ class CountingCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         self.saved.append(os.path.basename(os.fspath(path)))
         super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+
+def count_metadata_writes():
+    """Record, in this process, every checkpoint folder whose ``meta.pt`` (the checkpoint without the model's and
+    optimizer's shards: progress, callbacks, the privacy state) it wrote: ``ModelParallelStrategy`` writes it with
+    ``torch.save``, and uses no ``CheckpointIO``.
+    """
+    saved = []
+    save = torch.save
+
+    def counted(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and os.path.basename(os.fspath(f)) == _METADATA_FILENAME:
+            saved.append(os.path.basename(os.path.dirname(os.fspath(f))))
+        return save(obj, f, *args, **kwargs)
+
+    torch.save = counted
+    return saved
+
+
+def whole(p):
+    """A parameter as one tensor (a sharded one gathered from every rank: a collective)."""
+    return (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
 
 
 def count_journal_writes():
@@ -95,7 +131,9 @@ def options(mode):
 
 def main():
     out, kind, mode, nodes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    run_dir = os.path.join(out, f"{mode}-{nodes}n")
+    devices = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    tag = f"{nodes}n" + (f"{devices}d" if devices > 1 else "")
+    run_dir = os.path.join(out, f"{mode}-{tag}")
     journal_calls = count_journal_writes()
     L.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(0)
@@ -104,14 +142,19 @@ def main():
     net = mlp()
     model = IndexedClassifier(net, lr=0.1 if optimizer == "sgd" else 0.01, optimizer=optimizer)
     strategy = STRATEGIES[kind](journal_dir=os.path.join(run_dir, "journal"), **strategy_options)
-    recorder, io = Recorder(), CountingCheckpointIO()
+    recorder = Recorder()
+    if kind == "dp":
+        io = CountingCheckpointIO()
+        plugins, written = [io], io.saved
+    else:  # each rank writes its shards (torch.distributed.checkpoint), global rank 0 the metadata
+        plugins, written = [], count_metadata_writes()
     checkpoints = ModelCheckpoint(dirpath=os.path.join(run_dir, "ckpt"), every_n_train_steps=1, save_top_k=-1)
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=1,
+        devices=devices,
         num_nodes=nodes,
         strategy=strategy,
-        plugins=[io],
+        plugins=plugins,
         max_steps=steps,
         logger=False,
         enable_progress_bar=False,
@@ -121,7 +164,7 @@ def main():
         default_root_dir=run_dir,
     )
     before = [p.detach().clone() for p in net.parameters()]
-    trainer.fit(model, DataLoader(ds, batch_size=global_batch // nodes, shuffle=True))
+    trainer.fit(model, DataLoader(ds, batch_size=global_batch // (nodes * devices), shuffle=True))
     torch.save(
         {
             "node_rank": trainer.node_rank,
@@ -129,16 +172,16 @@ def main():
             "global_rank": trainer.global_rank,
             "world_size": trainer.world_size,
             "before": before,
-            "after": [p.detach().clone() for p in net.parameters()],
+            "after": [whole(p) for p in net.parameters()],
             "indices": recorder.indices,
             "ledger": strategy.ledger.state_dict(),
             "epsilon": strategy.epsilon,
             "sample_rate": strategy.sample_rate,
             "global_step": trainer.global_step,
             "journal_calls": journal_calls,
-            "checkpoints_written": io.saved,
+            "checkpoints_written": written,
         },
-        os.path.join(out, f"{kind}-{mode}-{nodes}n-rank{trainer.global_rank}.pt"),
+        os.path.join(out, f"{kind}-{mode}-{tag}-rank{trainer.global_rank}.pt"),
     )
 
 

@@ -2,7 +2,9 @@
 hand with ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, joined by Lightning into one gloo group (global ranks 0
 and 1, local rank 0 on both). Both "nodes" share this machine's filesystem, so anything guarded by the *local* rank
 or the node instead of the global rank would be written twice, and sampling sharded by the local rank would draw
-the same shard on both nodes: the checks below catch both.
+the same shard on both nodes: the checks below catch both. Each test runs for ``DPStrategy`` (DDP: rank 0 writes
+each checkpoint file) and ``DPModelParallelStrategy`` (FSDP2: a checkpoint is a folder in which every rank writes its
+own shards and global rank 0 alone the metadata ``meta.pt``, which holds the privacy state).
 """
 
 import json
@@ -13,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from multinode_script import SAMPLING_SEED, N
 
 from lightning_dp.accounting import compute_epsilon
@@ -21,8 +24,8 @@ from lightning_dp.batch_selection import PoissonBatchSampler
 SCRIPT = os.path.join(os.path.dirname(__file__), "multinode_script.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: Strategy kinds the node script can build (its ``STRATEGIES``); a second strategy class is added here.
-STRATEGIES = ["dp"]
+#: Strategy kinds the node script can build (its ``STRATEGIES``): DPStrategy and DPModelParallelStrategy.
+STRATEGIES = ["dp", "dp_model_parallel"]
 
 #: Variables of other launchers (torchrun, SLURM) that would make Lightning pick another cluster environment.
 _FOREIGN = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -42,15 +45,16 @@ def base_env():
     return env
 
 
-def start_nodes(tmp_path, kind, mode, nodes):
-    """Start one process per node (each as a node of a multi-node job when ``nodes`` > 1)."""
+def start_nodes(tmp_path, kind, mode, nodes, devices=1):
+    """Start one process per node (each as a node of a multi-node job when ``nodes`` > 1); a node with several
+    ``devices`` starts the others itself (Lightning's launcher)."""
     port = free_port()
     procs = []
     for node in range(nodes):
         env = base_env()
         if nodes > 1:
             env.update(NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        args = [sys.executable, SCRIPT, str(tmp_path), kind, mode, str(nodes)]
+        args = [sys.executable, SCRIPT, str(tmp_path), kind, mode, str(nodes), str(devices)]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
 
@@ -67,17 +71,21 @@ def wait_for(procs):
         assert p.returncode == 0, text[-3000:]
 
 
-def results(tmp_path, kind, mode, nodes):
+def results(tmp_path, kind, mode, nodes, devices=1):
     """What each rank saw and wrote, by global rank."""
-    return [torch.load(tmp_path / f"{kind}-{mode}-{nodes}n-rank{r}.pt", weights_only=True) for r in range(nodes)]
+    tag = f"{nodes}n" + (f"{devices}d" if devices > 1 else "")
+    world = nodes * devices
+    return [torch.load(tmp_path / f"{kind}-{mode}-{tag}-rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 def assert_written_once_by_global_rank_zero(run_dir, ranks, steps):
-    """One journal with one session and each step once, and one checkpoint per step, all written by global rank 0."""
+    """One journal with one session and each step once, and one checkpoint per step, whose privacy state global rank
+    0 alone wrote: the whole file under DDP; under FSDP2 the folder's ``meta.pt``, beside one shard file per rank.
+    """
     assert ranks[0]["journal_calls"] and ranks[0]["checkpoints_written"]
     for r in ranks[1:]:
         assert r["journal_calls"] == [], "a rank other than global rank 0 created, opened or appended to a journal"
-        assert r["checkpoints_written"] == [], "a rank other than global rank 0 wrote a checkpoint"
+        assert r["checkpoints_written"] == [], "a rank other than global rank 0 wrote a checkpoint (or its metadata)"
     journals = sorted((run_dir / "journal").iterdir())
     assert len(journals) == 1, journals
     records = [json.loads(line) for line in journals[0].read_text().splitlines()]
@@ -87,7 +95,13 @@ def assert_written_once_by_global_rank_zero(run_dir, ranks, steps):
     assert len(written) == len(set(written)) == steps
     assert sorted(os.listdir(run_dir / "ckpt")) == sorted(written)
     for name in written:
-        ckpt = torch.load(run_dir / "ckpt" / name, weights_only=False)
+        path = run_dir / "ckpt" / name
+        if path.is_dir():  # a distributed checkpoint: every rank's shards, and rank 0's metadata
+            shards = sorted(f for f in os.listdir(path) if f.endswith(".distcp"))
+            assert len(shards) == len(ranks), f"{name}: one shard file per global rank, got {shards}"
+            assert sorted(os.listdir(path)) == sorted([".metadata", _METADATA_FILENAME, *shards])
+            path = path / _METADATA_FILENAME
+        ckpt = torch.load(path, weights_only=False)
         state = ckpt["lightning_dp"]
         assert state["journal"] == os.fspath(journals[0])
         assert state["journal_records"] == ckpt["global_step"]
@@ -130,10 +144,17 @@ def test_two_nodes_equal_one_process_and_write_once(tmp_path, kind):
 @pytest.mark.parametrize("kind", STRATEGIES)
 def test_two_nodes_draw_poisson_batches_by_global_rank(tmp_path, kind):
     """q < 1 with a fixed sampling seed: node r draws exactly global rank r's mask over its shard ``r::2`` (not the
-    same mask on both nodes, which would include examples 2i and 2i + 1 together).
+    same mask on both nodes, which would include examples 2i and 2i + 1 together). With fixed noise and sampling
+    seeds the run equals one node with two processes (the same global ranks) bit for bit: nothing depends on the
+    node or the local rank (e.g. the noise stream, under FSDP2 one per rank's shard, is keyed by the global rank).
     """
-    wait_for(start_nodes(tmp_path, kind, "poisson", 2))
-    ranks = results(tmp_path, kind, "poisson", 2)
+    wait_for(start_nodes(tmp_path, kind, "poisson", 2) + start_nodes(tmp_path, kind, "poisson", 1, devices=2))
+    ranks, one_node = results(tmp_path, kind, "poisson", 2), results(tmp_path, kind, "poisson", 1, devices=2)
+    assert [(r["node_rank"], r["local_rank"], r["global_rank"]) for r in one_node] == [(0, 0, 0), (0, 1, 1)]
+    for r, same in zip(ranks, one_node):
+        assert r["indices"] == same["indices"]
+        assert all(torch.equal(a, b) for a, b in zip(r["after"], same["after"])), "the nodes' run differs"
+        assert r["ledger"] == same["ledger"]
     steps, q = 4, 10 / N
     for rank, r in enumerate(ranks):
         expected = PoissonBatchSampler(N, q, steps, num_replicas=2, rank=rank, seed=SAMPLING_SEED)
