@@ -62,8 +62,8 @@ def clip_micro_batches(
     """Stages 1–2: the user's forward and backward per micro-batch, then per-sample clipping into the engine's sum.
 
     ``idle_passes`` more passes then run on ``idle_batch()`` and add nothing: their capture is freed with
-    :meth:`~lightning_dp.engine.ClippingEngine.probe_norms` (sharded models need every rank to run as many passes as
-    the busiest rank, see :mod:`lightning_dp.model_parallel`).
+    ``ClippingEngine.probe_norms`` (sharded models need every rank to run as many passes as the busiest rank, see
+    ``DPModelParallelStrategy``).
     """
     losses: list[Tensor] = []
     norms: list[Tensor] = []
