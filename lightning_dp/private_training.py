@@ -67,10 +67,12 @@ from lightning_dp.validation import (
 )
 
 
-class PrivateTraining(DPStrategyProperties, PrivacyCheckpoints, OneTrainerOnly):
+class PrivateTraining(OneTrainerOnly, DPStrategyProperties, PrivacyCheckpoints):
     """The private training hooks shared by lightning_dp's strategies (see the module docstring).
 
-    A strategy class puts it first among its bases, before the Lightning strategy, and calls
+    ``OneTrainerOnly`` comes first among its bases so that its ``accelerator`` property is found before
+    Lightning's ``Strategy.accelerator``. A strategy class puts this mixin first among its own bases, before the
+    Lightning strategy, and calls
     :meth:`_init_privacy` from its ``__init__`` after the Lightning strategy's; the privacy arguments are
     :class:`~lightning_dp.strategy.DPStrategy`'s.
     """

@@ -160,3 +160,12 @@ def test_bf16_parameters_with_fp32_sharded_parameters_and_reduction(tmp_path):
     for got, want, before in zip(ranks[0]["after"], expected, ranks[0]["before"]):
         assert got.dtype == torch.float32
         assert (got - want).norm() <= 0.1 * (want - before).norm()
+
+
+def test_a_sharded_strategy_given_to_a_second_trainer_says_why_not():
+    import lightning as L
+
+    s = DPModelParallelStrategy(noise_multiplier=1.0)
+    L.Trainer(accelerator="cpu", devices=1, strategy=s, logger=False)
+    with pytest.raises(DPMisconfigurationError, match="already belongs to another Trainer"):
+        L.Trainer(accelerator="cpu", devices=1, strategy=s, logger=False)
