@@ -70,10 +70,10 @@ from lightning_dp.validation import (
 class PrivateTraining(OneTrainerOnly, DPStrategyProperties, PrivacyCheckpoints):
     """The private training hooks shared by lightning_dp's strategies (see the module docstring).
 
-    ``OneTrainerOnly`` comes first among its bases so that its ``accelerator`` property is found before
-    Lightning's ``Strategy.accelerator``. A strategy class puts this mixin first among its own bases, before the
-    Lightning strategy, and calls
-    :meth:`_init_privacy` from its ``__init__`` after the Lightning strategy's; the privacy arguments are
+    The one-Trainer guard of ``lightning_dp.guards`` comes first among its bases, so that its ``accelerator``
+    property is found before Lightning's ``Strategy.accelerator``. A strategy class puts this mixin first among its
+    own bases, before the Lightning strategy, and calls :meth:`_init_privacy` from its ``__init__`` after the
+    Lightning strategy's; the privacy arguments are
     :class:`~lightning_dp.strategy.DPStrategy`'s.
     """
 
