@@ -18,6 +18,7 @@ reduce-scatters the clipped sum so that each rank holds the global sum of its sh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -71,6 +72,7 @@ class FullyShardedLayout:
         self.module = module
         self._records: dict[int, object] = {}  # id(sharded param) -> FSDPParam
         self._by_unsharded: dict[int, nn.Parameter] = {}
+        self._outside: dict[int, Tensor] = {}  # held, so that their ids stay theirs
         self._refresh()
 
     def _refresh(self) -> None:
@@ -95,13 +97,14 @@ class FullyShardedLayout:
         if id(p) in self._records:
             return p  # type: ignore[return-value]
         found = self._by_unsharded.get(id(p))
-        if found is None:  # all-gathered for the first time since the last look
+        if found is None and id(p) not in self._outside:  # all-gathered for the first time since the last look
             self._refresh()
             found = self._by_unsharded.get(id(p))
         if found is None:
             if isinstance(p, DTensor):
                 raise DPMisconfigurationError("A layer handed over a DTensor parameter that FSDP2 does not manage.")
-            return p  # type: ignore[return-value] # a parameter outside any fully_shard unit: whole on every rank
+            self._outside[id(p)] = p  # outside every fully_shard unit (whole on every rank): no walk next time
+            return p  # type: ignore[return-value]
         return found
 
     def _record(self, p: nn.Parameter) -> object | None:
@@ -116,9 +119,7 @@ class FullyShardedLayout:
         if accumulated is not None:
             return accumulated
         unsharded = getattr(record, "_unsharded_param", None)
-        if unsharded is not None and unsharded.grad is not None:
-            return unsharded.grad
-        return p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        return None if unsharded is None else unsharded.grad  # never the sharded p.grad: that one is not local
 
     def clear_grads(self, params: Iterable[nn.Parameter]) -> None:
         """Drop autograd's gradients: on the sharded parameter, the unsharded one and FSDP2's accumulator."""
@@ -184,39 +185,36 @@ def privatize_shards(
     params = list(summed)
     if not params:
         return {}
-    chunks: list[list[Tensor]] = [[] for _ in range(world_size)]
-    sizes: list[int] = []
     for p in params:
-        whole = summed[p].reshape(p.shape[0], -1) if p.dim() else summed[p].reshape(1, 1)
+        if not isinstance(p, DTensor):
+            raise DPMisconfigurationError(f"privatize_shards got a parameter that is not sharded: {tuple(p.shape)}.")
+    chunks: list[list[Tensor]] = [[] for _ in range(world_size)]
+    rows_per_rank: list[int] = []
+    for p in params:
+        whole = summed[p].reshape(p.shape[0], -1)
         rows, width = whole.shape
-        per = -(-rows // world_size)
+        per = -(-rows // world_size)  # torch.chunk's rows per rank: FSDP2's Shard(0)
         padded = torch.zeros(per * world_size, width, dtype=torch.float32, device=whole.device)
         padded[:rows] = whole
         for r in range(world_size):
             chunks[r].append(padded[r * per : (r + 1) * per].reshape(-1))
-        sizes.append(per * width)
+        rows_per_rank.append(per)
     send = torch.cat([torch.cat(c) for c in chunks])
-    mine = torch.empty(sum(sizes), dtype=torch.float32, device=send.device)
+    mine = torch.empty(send.numel() // world_size, dtype=torch.float32, device=send.device)
     if world_size > 1:
         dist.reduce_scatter_tensor(mine, send, op=dist.ReduceOp.SUM, group=group)
     else:
         mine.copy_(send)
     out: dict[nn.Parameter, Tensor] = {}
     offset = 0
-    for p, size in zip(params, sizes):
-        start, stop = shard_rows(p.shape[0] if p.dim() else 1, world_size, rank)
-        width = size // max(-(-(p.shape[0] if p.dim() else 1) // world_size), 1)
-        local = mine[offset : offset + (stop - start) * width]
-        offset += size
-        local = local.clone()
+    for p, per in zip(params, rows_per_rank):
+        start, stop = shard_rows(p.shape[0], world_size, rank)
+        shard_shape = (stop - start, *p.shape[1:])
+        local = mine[offset : offset + math.prod(shard_shape)].view(shard_shape)  # `mine` is ours: noised in place
+        offset += per * math.prod(p.shape[1:])
         add_gaussian(local, noise_std, source)
         local /= normalizer
-        shard_shape = (stop - start, *p.shape[1:])
-        local = local.view(shard_shape).to(p.dtype)
-        if isinstance(p, DTensor):
-            out[p] = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-        else:
-            raise DPMisconfigurationError(f"privatize_shards got a parameter that is not sharded: {tuple(p.shape)}.")
+        out[p] = DTensor.from_local(local.to(p.dtype), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
     return out
 
 

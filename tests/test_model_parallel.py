@@ -169,3 +169,10 @@ def test_a_sharded_strategy_given_to_a_second_trainer_says_why_not():
     L.Trainer(accelerator="cpu", devices=1, strategy=s, logger=False)
     with pytest.raises(DPMisconfigurationError, match="already belongs to another Trainer"):
         L.Trainer(accelerator="cpu", devices=1, strategy=s, logger=False)
+
+
+def test_a_module_that_was_not_sharded_is_refused_with_the_fix():
+    from lightning_dp.model_parallel import check_sharded
+
+    with pytest.raises(DPMisconfigurationError, match="call torch.distributed.fsdp.fully_shard"):
+        check_sharded(make_net("flat"))

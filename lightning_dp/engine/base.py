@@ -225,8 +225,7 @@ class ClippingEngine(ABC):
             defer: keep it for clipping time anyway (e.g. a layer sharing a parameter with another, whose groups
                 are merged first).
         """
-        if self.layout.rekeys:
-            group.rekey(self.layout.canonical)
+        self._named_by_trained([group])
         if (
             group.params
             and self.per_layer.in_backward
@@ -339,15 +338,20 @@ class ClippingEngine(ABC):
             PerSampleGradients(names.get(p, self.param_names.get(p, "?")), {p: gs})
             for p, gs in self._broadcast_grads.items()
         ]
-        groups += self._ready
-        groups += self._contributions()
+        groups += self._ready  # named by the trained parameters when handed over (_group_ready)
+        groups += self._named_by_trained(self._contributions())
         self._ready = []
         # the groups of layers inside a fallback unit are replaced by the unit's
-        groups = [g for g in groups if not self._fallback.covers(g)] + self._fallback.contributions()
+        groups = [g for g in groups if not self._fallback.covers(g)]
+        groups += self._named_by_trained(self._fallback.contributions())
+        return merge_shared([g for g in groups if g.params])
+
+    def _named_by_trained(self, groups: list[Contribution]) -> list[Contribution]:
+        """``groups`` with their parameters named by the trained ones (see :mod:`lightning_dp.engine.layout`)."""
         if self.layout.rekeys:
             for g in groups:
                 g.rekey(self.layout.canonical)
-        return merge_shared([g for g in groups if g.params])
+        return groups
 
     def _check_sums(self, groups: list[Contribution]) -> None:
         """Compare each group's Σ_i g_i with autograd's ``p.grad`` (see :mod:`lightning_dp.engine.crosscheck`)."""

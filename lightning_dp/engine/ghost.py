@@ -63,22 +63,13 @@ class GhostContribution(Contribution):
         squared: from ``layer.squared_norms(captured)``.
     """
 
-    def __init__(
-        self,
-        name: str,
-        layer: GhostLayer,
-        captured: Any,
-        squared: Tensor,
-        key: Callable[[Tensor], nn.Parameter] | None = None,
-    ) -> None:
+    def __init__(self, name: str, layer: GhostLayer, captured: Any, squared: Tensor) -> None:
         self.name = name
         self.layer = layer
         self.captured = captured
         self._squared = squared
-        self._key = key
-        live = (p for p in layer.module._parameters.values() if p is not None)
-        trained = (p if key is None else key(p) for p in live)  # the trained parameter decides (not FSDP2's copy)
-        self._params = tuple(p for p in trained if p.requires_grad)
+        self._key: Callable[[Tensor], nn.Parameter] | None = None  # set by rekey (sharded parameters)
+        self._params = tuple(p for p in layer.module._parameters.values() if p is not None and p.requires_grad)
 
     @property
     @override
@@ -104,8 +95,7 @@ class GhostContribution(Contribution):
     @override
     def rekey(self, key: Callable[[Tensor], nn.Parameter]) -> None:
         self._params = tuple(key(p) for p in self._params)
-        inner = self._key
-        self._key = key if inner is None else (lambda p: key(inner(p)))
+        self._key = key
 
     def _keyed(self, values: dict[nn.Parameter, Tensor]) -> dict[nn.Parameter, Tensor]:
         return values if self._key is None else {self._key(p): v for p, v in values.items()}
@@ -336,10 +326,6 @@ class GhostEngine(ClippingEngine):
         self._records = {}
         return out
 
-    @property
-    def _key_of(self) -> Callable[[Tensor], nn.Parameter] | None:
-        return self.layout.canonical if self.layout.rekeys else None
-
     def _group_of(self, planned: _Planned, records: list[GhostRecord]) -> Contribution:
         """One layer's contribution from its calls: ghost norms and the captured data, or per-sample gradients
         (instantiated: cheaper, forced, or a rule). Of an instantiated matrix-product layer whose per-sample gradients
@@ -350,7 +336,7 @@ class GhostEngine(ClippingEngine):
         squared = layer.squared_norms(captured)
         if squared is not None:
             self.last_methods[planned.name] = "ghost"
-            return GhostContribution(planned.name, layer, captured, squared, self._key_of)
+            return GhostContribution(planned.name, layer, captured, squared)
         self.last_methods[planned.name] = layer.instantiated_label
         group = PerSampleGradients(planned.name, layer.instantiate(captured))
         if (
@@ -358,7 +344,7 @@ class GhostEngine(ClippingEngine):
             and not layer.force_instantiate
             and _bytes(group.grads.values()) > _bytes([captured.a, captured.g])
         ):
-            return GhostContribution(planned.name, layer, captured, group.squared_norms(), self._key_of)
+            return GhostContribution(planned.name, layer, captured, group.squared_norms())
         return group
 
 
